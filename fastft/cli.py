@@ -1,0 +1,122 @@
+"""The `fastft` command line: train, data synth|download|check, predict.
+
+    fastft train --data synthetic                       # no download needed
+    fastft train --strategy frozen --out runs/frozen    # the chapter's hotdog set
+    fastft train --out runs/frozen --resume --epochs 8  # continue a run
+
+Every error a user can fix is printed as one line, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastft.config import TrainConfig
+from fastft.errors import FastftError
+
+S = argparse.SUPPRESS  # options the user did not type stay out of the namespace
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune ResNet-18", argument_default=S,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = TrainConfig()
+    p.add_argument("--data", help=f"ImageFolder DIR, 'synthetic', or omit for the hotdog set (default: download)")
+    p.add_argument("--strategy", help=f"finetune|frozen|hotdog|scratch|partial:K (default: {d.strategy})")
+    p.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"global batch, all processes (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"step per summed-loss gradient (default: {d.lr})")
+    p.add_argument("--head-lr-mult", type=float, help=f"x lr for the new head (default: {d.head_lr_mult})")
+    p.add_argument("--weight-decay", type=float, help=f"(default: {d.weight_decay})")
+    p.add_argument("--loss-reduction", choices=["sum", "mean"], help="sum over the batch, as the chapter "
+                   "(default), or mean, which needs lr x batch and weight decay / batch for the same step")
+    p.add_argument("--weights", help="imagenet|none|PATH (default: imagenet, none for scratch)")
+    p.add_argument("--image-size", type=int, help=f"px (default: {d.image_size})")
+    p.add_argument("--loader", choices=["auto", "dali", "torch"], help="(default: auto)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
+                   help="auto = bf16 where the device has fast bf16, else fp32 (default: auto)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile (default: on for CUDA, off on CPU)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="(default: on)")
+    p.add_argument("--device", help="auto|cpu|cuda|cuda:N (default: auto)")
+    p.add_argument("--out", help="run folder (default: runs/STRATEGY-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--seed", type=int, help=f"(default: {d.seed})")
+    p.add_argument("--workers", type=int, help="DataLoader processes (default: min(4, cores))")
+
+
+def add_data_parser(sub) -> None:
+    data = sub.add_parser("data", help="make, fetch or check a dataset").add_subparsers(dest="data_cmd", required=True)
+    synth = data.add_parser("synth", help="write the synthetic hotdog-like JPEG dataset")
+    synth.add_argument("dir", type=Path)
+    synth.add_argument("--train", type=int, default=2000, help="train images")
+    synth.add_argument("--test", type=int, default=800, help="test images")
+    synth.add_argument("--seed", type=int, default=0)
+    download = data.add_parser("download", help="fetch the chapter's hotdog.zip (sha1-checked)")
+    download.add_argument("dir", type=Path, nargs="?", default=None)
+    check = data.add_parser("check", help="decode every image and report problems")
+    check.add_argument("dir", type=Path)
+
+
+def add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="classify images with a trained run")
+    p.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR or its checkpoint.pt")
+    p.add_argument("--device", default="cpu", help="cpu|cuda (default: cpu)")
+    p.add_argument("images", nargs="+", type=Path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastft", description="Fine-tune ResNet-18 fast (d2l.ai 13.2).")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_data_parser(sub)
+    add_predict_parser(sub)
+    return p
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fastft.engine import train
+
+    given = {k: v for k, v in vars(args).items() if k != "command"}
+    train(TrainConfig(**given), explicit=frozenset(given))
+    return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    if args.data_cmd == "synth":
+        from fastft.data.synth import write_synthetic
+        root = write_synthetic(args.dir, n_train=args.train, n_test=args.test, seed=args.seed)
+        print(f"wrote {args.train} train and {args.test} test images to {root}")
+        return 0
+    if args.data_cmd == "download":
+        from fastft.config import default_cache_dir
+        from fastft.data.download import download_hotdog
+        print(f"hotdog dataset ready at {download_hotdog(args.dir or default_cache_dir() / 'hotdog')}")
+        return 0
+    from fastft.data.layout import check_report
+    lines, ok = check_report(args.dir)
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from fastft.predict import predict
+
+    for path, label, prob in predict(args.checkpoint, args.images, args.device):
+        print(f"{path}: {label} {prob:.3f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    commands = {"train": run_train, "data": run_data, "predict": run_predict}
+    try:
+        return commands[args.command](args)
+    except FastftError as exc:
+        print(f"fastft: error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastft: interrupted; the last saved checkpoint is intact", file=sys.stderr)
+        return 130

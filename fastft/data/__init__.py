@@ -1,0 +1,38 @@
+"""Data: where the dataset lives, whether it is sound, and the backend that batches it.
+
+Backends sit side by side with one small interface (`classes`, `train_size`,
+`test_size`, `train_batches(epoch)`, `test_batches()`, `steps_per_epoch()`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastft.config import TrainConfig, default_cache_dir
+from fastft.errors import ConfigError
+
+SYNTHETIC = "synthetic"
+
+
+def resolve_data_dir(cfg: TrainConfig, cache_dir: Path | None = None) -> Path:
+    """`--data`: "" = the chapter's hotdog set (downloaded once), "synthetic", or a folder."""
+    cache_dir = cache_dir or default_cache_dir()
+    if cfg.data == SYNTHETIC:
+        from fastft.data.synth import cached_synthetic
+        return cached_synthetic(cache_dir, n_train=cfg.synth_train, n_test=cfg.synth_test)
+    if not cfg.data:
+        from fastft.data.download import download_hotdog
+        return download_hotdog(cache_dir / "hotdog")
+    return Path(cfg.data).expanduser()
+
+
+def build_loaders(cfg: TrainConfig, layout, workers: int, rank: int, world_size: int,
+                  pin_memory: bool):
+    """The backend for `--loader`; `auto` is the torch reference until DALI lands."""
+    if cfg.loader == "dali":
+        raise ConfigError("--loader dali is not available yet; use --loader torch (or auto)")
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not divide over {world_size} processes")
+    from fastft.data.torch_loader import TorchLoaders
+    return TorchLoaders(layout, cfg.image_size, cfg.batch_size // world_size, workers, cfg.seed,
+                        rank, world_size, pin_memory)

@@ -1,0 +1,31 @@
+"""Errors a user can act on. The CLI prints them as one line, never as a traceback."""
+
+
+class FastftError(Exception):
+    """A problem with the user's input or environment, stated in one line."""
+
+    def one_line(self) -> str:
+        text = str(self).strip()
+        # A DataLoader worker re-raises our error with the worker's traceback
+        # folded into the message; the user only needs our own last line.
+        if "Traceback" in text:
+            last = text.splitlines()[-1]
+            prefix = f"{type(self).__module__}.{type(self).__name__}: "
+            text = last[len(prefix):] if last.startswith(prefix) else last
+        return text.splitlines()[0] if text else type(self).__name__
+
+
+class DataError(FastftError):
+    """The dataset is missing, malformed, or holds a file that cannot be decoded."""
+
+
+class WeightsError(FastftError):
+    """Initial weights cannot be found, downloaded or matched to the model."""
+
+
+class CheckpointError(FastftError):
+    """A run's checkpoint is missing, unreadable or does not fit the run."""
+
+
+class ConfigError(FastftError):
+    """Options that contradict each other or the machine."""

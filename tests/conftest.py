@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny synthetic dataset, a fake ImageNet checkpoint, tiny configs.
+
+Everything runs on the CPU in seconds: 32 px images, batch 8, no worker processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from fastft.config import TrainConfig
+from fastft.data.synth import write_synthetic
+
+
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path_factory, monkeypatch):
+    """No test may touch the user's caches or the network's hub."""
+    home = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg"))
+    monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """24 train and 12 test JPEGs, classes hotdog and not-hotdog."""
+    return write_synthetic(tmp_path_factory.mktemp("data") / "tiny", n_train=24, n_test=12, seed=0,
+                           progress=False)
+
+
+@pytest.fixture(scope="session")
+def imagenet_like(tmp_path_factory) -> Path:
+    """A ResNet-18 state_dict with a 1000-way fc and non-trivial BN statistics, as ImageNet's has."""
+    torch.manual_seed(123)
+    model = torchvision.models.resnet18(num_classes=1000)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("weights") / "imagenet_like.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def make_cfg(tiny_data, imagenet_like, tmp_path):
+    """A TrainConfig small enough for a CPU test; keyword arguments override."""
+    def make(**overrides) -> TrainConfig:
+        values = dict(data=str(tiny_data), weights=str(imagenet_like), epochs=1, batch_size=8,
+                      image_size=32, workers=0, device="cpu", amp="off", compile=False,
+                      out=str(tmp_path / "run"), lr=1e-3)
+        values.update(overrides)
+        return TrainConfig(**values)
+    return make

@@ -1,0 +1,78 @@
+"""Resume is exact: two epochs straight equal one epoch, a resume, and one more epoch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastft.checkpoint import load_checkpoint
+from fastft.cli import main
+from fastft.engine import train
+from fastft.errors import ConfigError
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_epochs_straight_equal_one_plus_resume_plus_one(make_cfg, tmp_path, workers):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(make_cfg(epochs=2, out=str(straight), workers=workers))
+    train(make_cfg(epochs=1, out=str(split), workers=workers))
+    train(make_cfg(epochs=2, out=str(split), workers=workers, resume=True))
+    a, b = load_checkpoint(straight), load_checkpoint(split)
+    assert a["epoch"] == b["epoch"] == 2
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    momentum_free = a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert momentum_free
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    strip = lambda rows: [{k: v for k, v in r.items() if "sec" not in k and k != "epoch_s"} for r in rows]
+    assert strip(metrics(straight)) == strip(metrics(split))
+
+
+def test_resume_keeps_the_runs_settings_and_warns_about_ignored_options(make_cfg, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(make_cfg(epochs=1, out=str(run)))
+    cfg = make_cfg(epochs=2, out=str(run), resume=True, lr=0.5)
+    train(cfg, explicit=frozenset({"lr", "epochs", "out", "resume"}))
+    err = capsys.readouterr().err
+    assert "ignoring --lr 0.5" in err
+    assert load_checkpoint(run)["config"]["lr"] == 1e-3
+
+
+def test_a_new_run_never_overwrites_a_finished_one(make_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(make_cfg(out=str(run)))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(make_cfg(out=str(run)))
+
+
+def test_a_killed_run_leaves_a_loadable_checkpoint_and_resume_completes_it(tiny_data, imagenet_like, tmp_path):
+    run = tmp_path / "killed"
+    args = ["train", "--data", str(tiny_data), "--weights", str(imagenet_like), "--image-size", "64",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--amp", "off", "--out", str(run)]
+    proc = subprocess.Popen([sys.executable, "-m", "fastft", *args, "--epochs", "50"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch, so the kill lands mid-epoch or mid-save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    done = load_checkpoint(run)["epoch"]
+    assert done >= 1
+    assert main([*args, "--resume", "--epochs", str(done + 1)]) == 0
+    assert [row["epoch"] for row in metrics(run)] == list(range(1, done + 2))
+    assert json.loads((run / "summary.json").read_text())["epochs"] == done + 1
+    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
