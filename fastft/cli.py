@@ -30,6 +30,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--lr", type=float, help=f"step per summed-loss gradient (default: {d.lr})")
     p.add_argument("--head-lr-mult", type=float, help=f"x lr for the new head (default: {d.head_lr_mult})")
     p.add_argument("--weight-decay", type=float, help=f"(default: {d.weight_decay})")
+    p.add_argument("--momentum", type=float, help=f"SGD momentum (default: {d.momentum}, as the chapter)")
     p.add_argument("--loss-reduction", choices=["sum", "mean"], help="sum over the batch, as the chapter "
                    "(default), or mean, which needs lr x batch and weight decay / batch for the same step")
     p.add_argument("--weights", help="imagenet|none|PATH (default: imagenet, none for scratch)")
@@ -44,7 +45,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--out", help="run folder (default: runs/STRATEGY-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--seed", type=int, help=f"(default: {d.seed})")
-    p.add_argument("--workers", type=int, help="DataLoader processes (default: min(4, cores))")
+    p.add_argument("--workers", type=int, help="DataLoader processes (default: min(4, cores) on CUDA, 0 on CPU)")
 
 
 def add_data_parser(sub) -> None:

@@ -31,7 +31,7 @@ class TrainConfig:
     data: str = ""                 # "" = the hotdog set (downloaded once), "synthetic", or a DIR
     image_size: int = 224          # px, side of the square training crop
     loader: str = "auto"           # auto | torch | dali
-    workers: int = -1              # DataLoader processes; -1 = min(4, CPU cores)
+    workers: int = -1              # DataLoader processes; -1 = min(4, cores) on CUDA, 0 on CPU
     synth_train: int = 2000        # images, size of the "synthetic" train split
     synth_test: int = 800          # images, size of the "synthetic" test split
 
@@ -45,6 +45,7 @@ class TrainConfig:
     lr: float = 5e-5               # per example-summed loss: the update is lr * sum of grads
     head_lr_mult: float = 10.0     # x lr for the new output layer
     weight_decay: float = 1e-3     # L2 coefficient added to every gradient
+    momentum: float = 0.0          # SGD momentum; the chapter uses none
     loss_reduction: str = "sum"    # sum (the chapter) | mean (needs lr x batch, wd / batch)
 
     # --- speed ---
@@ -76,6 +77,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (cfg.head_lr_mult > 0, f"--head-lr-mult must be positive, got {cfg.head_lr_mult}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
+        (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
         (cfg.loader in LOADERS, f"--loader must be one of {LOADERS}, got {cfg.loader!r}"),
         (cfg.amp in AMP_MODES, f"--amp must be one of {AMP_MODES}, got {cfg.amp!r}"),
         (cfg.loss_reduction in LOSS_REDUCTIONS,

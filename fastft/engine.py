@@ -88,7 +88,8 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         groups = self.strategy.param_groups(self.model, self.cfg.lr, self.cfg.head_lr_mult)
         fused = self.rt.device.type == "cuda"
-        self.optimizer = torch.optim.SGD(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+        self.optimizer = torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                         weight_decay=self.cfg.weight_decay,
                                          fused=fused or None, foreach=None if fused else True)
         # Only fp16 needs loss scaling; a disabled scaler passes everything straight through.
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)

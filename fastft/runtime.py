@@ -65,9 +65,15 @@ def pick_amp(requested: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
+def default_workers(device: torch.device) -> int:
+    """Loader processes: on CUDA the CPU cores are free to decode; on a CPU they would
+    steal cores from the step (2 cores, 64 px: 61 img/s with 0 workers, 54 with 2)."""
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
 def resolve_runtime(cfg: TrainConfig) -> Runtime:
     device = pick_device(cfg.device)
-    workers = cfg.workers if cfg.workers >= 0 else min(4, os.cpu_count() or 1)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(device)
     return Runtime(
         device=device,
         amp_dtype=pick_amp(cfg.amp, device),

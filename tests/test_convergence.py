@@ -1,0 +1,24 @@
+"""The whole pipeline learns: scratch on `data synth` reaches 0.9 test accuracy in a few CPU minutes.
+
+Measured on a 2-core CPU (48 px, batch 16, the chapter's optimizer): test accuracy by epoch
+0.61, 0.90, 0.89, 0.75, 0.96, 0.95, 0.91, 0.97, about 20 s an epoch. The run is seeded, so it is
+the same run every time on the same software.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastft.cli import main
+from fastft.data.synth import write_synthetic
+
+
+def test_scratch_learns_the_synthetic_hotdogs(tmp_path):
+    data = write_synthetic(tmp_path / "synth", n_train=1024, n_test=256, seed=0, progress=False)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--strategy", "scratch", "--image-size", "48",
+            "--batch-size", "16", "--epochs", "6", "--device", "cpu", "--out", str(run)]
+    assert main(argv) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_examples"] == 256
+    assert summary["test_acc"] >= 0.9, summary
