@@ -60,6 +60,8 @@ class Trainer:
         self._setup_optimizer()
         if saved:
             self._restore(saved)
+        else:
+            self.reporter.keep_metrics_up_to(0)  # a fresh run in a used folder starts a fresh log
         self.forward = torch.compile(self.model) if self.rt.compile else self.model
         self.reporter.write_config({**self.cfg.to_dict(), "resolved": self._resolved()})
         return self
@@ -136,9 +138,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         clock, examples, first_batch, first_step_wall = StepClock(device), 0, 0, 0.0
-        bar = self.reporter.progress(self.data.steps_per_epoch(), f"epoch {epoch + 1}/{self.cfg.epochs}")
+        batches = self.reporter.progress(self.data.train_batches(epoch), self.data.steps_per_epoch(),
+                                         f"epoch {epoch + 1}/{self.cfg.epochs}")
         start = time.perf_counter()
-        for x, y in self.data.train_batches(epoch):
+        for x, y in batches:
             x, y = self._to_device(x, y)
             clock.start()
             batch_loss, batch_correct = self.train_step(x, y)
@@ -149,10 +152,8 @@ class Trainer:
             if not first_batch:  # once per epoch: the warm-up step's true end
                 sync(device)
                 first_batch, first_step_wall = y.shape[0], time.perf_counter() - start
-            bar.update(1)
         sync(device)
         wall = time.perf_counter() - start
-        bar.close()
         self.timings.append(EpochTiming(examples, wall, clock.durations_s(), first_batch, first_step_wall))
         return {"train_loss": loss_sum.item() / examples, "train_acc": correct.item() / examples,
                 "examples": examples, "epoch_s": wall}
@@ -163,7 +164,8 @@ class Trainer:
         self.model.eval()
         correct = torch.zeros((), dtype=torch.int64, device=self.rt.device)
         count = torch.zeros((), dtype=torch.int64, device=self.rt.device)
-        for x, y in self.data.test_batches():
+        batches = self.reporter.progress(self.data.test_batches(), len(self.data.test_batches()), "test")
+        for x, y in batches:
             x, y = self._to_device(x, y)
             with self._autocast():
                 logits = self.forward(x)

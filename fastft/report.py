@@ -22,6 +22,14 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _parse(line: str) -> dict | None:
+    """A metrics line, or None for a line cut short when a run was killed mid-write."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 class Reporter:
     def __init__(self, run_dir: Path, enabled: bool):
         self.run_dir = run_dir
@@ -36,9 +44,9 @@ class Reporter:
         if self.enabled:
             print(f"warning: {line}", file=sys.stderr, flush=True)
 
-    def progress(self, total: int, desc: str) -> tqdm:
+    def progress(self, iterable, total: int, desc: str) -> tqdm:
         # disable=None: a bar on a terminal, nothing in logs or pipes.
-        return tqdm(total=total, desc=desc, leave=False, disable=None if self.enabled else True,
+        return tqdm(iterable, total=total, desc=desc, leave=False, disable=None if self.enabled else True,
                     unit="batch", dynamic_ncols=True)
 
     def write_config(self, config: dict) -> None:
@@ -46,11 +54,11 @@ class Reporter:
             write_json_atomic(self.run_dir / "config.json", config)
 
     def keep_metrics_up_to(self, epoch: int) -> None:
-        """On resume, drop lines of epochs the checkpoint does not contain."""
+        """Drop lines of epochs the checkpoint does not hold (all of them for a fresh run)."""
         if not self.enabled or not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epoch]
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if (record := _parse(line)) is not None and record.get("epoch", 0) <= epoch]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def append_metrics(self, record: dict) -> None:

@@ -76,3 +76,11 @@ def test_a_killed_run_leaves_a_loadable_checkpoint_and_resume_completes_it(tiny_
     assert [row["epoch"] for row in metrics(run)] == list(range(1, done + 2))
     assert json.loads((run / "summary.json").read_text())["epochs"] == done + 1
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+
+
+def test_resume_drops_metric_lines_the_checkpoint_does_not_hold(tmp_path):
+    from fastft.report import Reporter
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')  # killed mid-write
+    Reporter(tmp_path, enabled=True).keep_metrics_up_to(2)
+    assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
