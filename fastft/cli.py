@@ -81,7 +81,7 @@ def run_train(args: argparse.Namespace) -> int:
     from fastft.engine import train
 
     given = {k: v for k, v in vars(args).items() if k != "command"}
-    train(TrainConfig(**given), explicit=frozenset(given))
+    train(TrainConfig(**given), typed=frozenset(given))
     return 0
 
 

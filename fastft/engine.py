@@ -22,7 +22,7 @@ from fastft.checkpoint import checkpoint_path, load_checkpoint, restore_rng, rng
 from fastft.config import TrainConfig, validate
 from fastft.data import build_loaders, resolve_data_dir
 from fastft.data.layout import scan_dataset
-from fastft.errors import ConfigError
+from fastft.errors import CheckpointError, ConfigError
 from fastft.model import build_resnet18, load_matching, source_weights
 from fastft.report import Reporter
 from fastft.rundir import adopt_saved_config, prepare_run_dir
@@ -32,9 +32,9 @@ from fastft.timing import EpochTiming, StepClock, steady_rates, sync
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, explicit: frozenset[str] = frozenset()):
+    def __init__(self, cfg: TrainConfig, typed: frozenset[str] | None = None):
         self.cfg = cfg
-        self.explicit = explicit  # options the user typed, to warn when --resume ignores them
+        self.typed = typed  # options typed on the command line (None: all of cfg), for --resume
         self.start_epoch = 0
         self.timings: list[EpochTiming] = []
 
@@ -47,15 +47,15 @@ class Trainer:
         saved = load_checkpoint(self.run_dir) if self.cfg.resume else None
         warnings = []
         if saved:
-            self.cfg, warnings = adopt_saved_config(self.cfg, saved["config"], self.explicit)
+            self.cfg, warnings = adopt_saved_config(self.cfg, saved["config"], self.typed)
         self.rt = resolve_runtime(self.cfg)
         self.reporter = Reporter(self.run_dir, self.rt.is_main)
         for line in warnings:
             self.reporter.warn(line)
+        self.strategy = get_strategy(self.cfg.strategy)  # a typo fails before any data work
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
         self._setup_data()
-        self.strategy = get_strategy(self.cfg.strategy)
         self._setup_model(saved)
         self._setup_optimizer()
         if saved:
@@ -97,6 +97,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
 
     def _restore(self, saved: dict) -> None:
+        if list(saved["classes"]) != list(self.data.classes):
+            raise CheckpointError(f"{self.run_dir}: the run was trained on classes {list(saved['classes'])}, "
+                                  f"the dataset now has {list(self.data.classes)}")
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
@@ -216,5 +219,5 @@ class Trainer:
         }
 
 
-def train(cfg: TrainConfig, explicit: frozenset[str] = frozenset()) -> dict:
-    return Trainer(cfg, explicit).setup().fit()
+def train(cfg: TrainConfig, typed: frozenset[str] | None = None) -> dict:
+    return Trainer(cfg, typed).setup().fit()

@@ -13,9 +13,10 @@ from fastft.checkpoint import checkpoint_path
 from fastft.config import TrainConfig
 from fastft.errors import CheckpointError, ConfigError
 
-# Settings a resumed run takes from the command line; all others come from the checkpoint.
-RUNTIME_FIELDS = ("epochs", "out", "resume", "device", "compile", "workers")
-
+# A resumed run takes these from the command line when typed there (a longer run, a moved
+# dataset, another machine); every other setting comes from its checkpoint.
+RUNTIME_FIELDS = ("epochs", "data", "device", "compile", "workers")
+ALWAYS_GIVEN = ("out", "resume")
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     if cfg.resume and not cfg.out:
@@ -31,14 +32,19 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
-def adopt_saved_config(given: TrainConfig, saved: dict, explicit: frozenset[str]) -> tuple[TrainConfig, list[str]]:
-    """The checkpoint's config, with the runtime fields of `given`; warn on ignored options."""
+def adopt_saved_config(given: TrainConfig, saved: dict,
+                       typed: frozenset[str] | None) -> tuple[TrainConfig, list[str]]:
+    """The checkpoint's config plus the runtime fields the user typed; warn on ignored options.
+
+    `typed` names the options given on the command line; None means every field of `given`.
+    """
     merged = TrainConfig.from_dict(saved)
     warnings = []
     for field, value in given.to_dict().items():
-        if field in RUNTIME_FIELDS:
+        was_typed = typed is None or field in typed
+        if field in ALWAYS_GIVEN or (field in RUNTIME_FIELDS and was_typed):
             setattr(merged, field, value)
-        elif field in explicit and saved.get(field) != value:
+        elif was_typed and saved.get(field) != value:
             warnings.append(f"ignoring --{field.replace('_', '-')} {value}: "
                             f"the run being resumed uses {saved.get(field)!r}")
     return merged, warnings

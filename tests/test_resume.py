@@ -43,11 +43,12 @@ def test_two_epochs_straight_equal_one_plus_resume_plus_one(make_cfg, tmp_path, 
 def test_resume_keeps_the_runs_settings_and_warns_about_ignored_options(make_cfg, tmp_path, capsys):
     run = tmp_path / "run"
     train(make_cfg(epochs=1, out=str(run)))
-    cfg = make_cfg(epochs=2, out=str(run), resume=True, lr=0.5)
-    train(cfg, explicit=frozenset({"lr", "epochs", "out", "resume"}))
+    cfg = make_cfg(epochs=2, out=str(run), resume=True, lr=0.5, weight_decay=0.25)
+    train(cfg, typed=frozenset({"lr", "epochs", "out", "resume"}))
     err = capsys.readouterr().err
-    assert "ignoring --lr 0.5" in err
+    assert "ignoring --lr 0.5" in err and "weight-decay" not in err  # only typed options warn
     assert load_checkpoint(run)["config"]["lr"] == 1e-3
+    assert load_checkpoint(run)["epoch"] == 2
 
 
 def test_a_new_run_never_overwrites_a_finished_one(make_cfg, tmp_path):
@@ -84,3 +85,27 @@ def test_resume_drops_metric_lines_the_checkpoint_does_not_hold(tmp_path):
     log.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')  # killed mid-write
     Reporter(tmp_path, enabled=True).keep_metrics_up_to(2)
     assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_resume_on_a_dataset_with_other_classes_is_a_clear_error(make_cfg, tmp_path, tiny_data):
+    import shutil
+    from fastft.errors import CheckpointError
+    run = tmp_path / "run"
+    train(make_cfg(out=str(run)))
+    other = Path(shutil.copytree(tiny_data, tmp_path / "other"))
+    for split in ("train", "test"):
+        (other / split / "not-hotdog").rename(other / split / "pizza")
+    with pytest.raises(CheckpointError, match="trained on classes"):
+        train(make_cfg(out=str(run), data=str(other), epochs=2, resume=True))
+
+
+def test_a_bare_resume_continues_with_the_runs_own_epochs_and_data(make_cfg, tiny_data, tmp_path):
+    from fastft.engine import Trainer
+    run = tmp_path / "run"
+    trainer = Trainer(make_cfg(epochs=2, out=str(run))).setup()
+    trainer.train_epoch(0)
+    trainer.save_checkpoint(1)  # as if killed during epoch 2
+    assert main(["train", "--resume", "--out", str(run)]) == 0
+    assert load_checkpoint(run)["epoch"] == 2  # the run's own --epochs 2, not the default 5
+    config = json.loads((run / "config.json").read_text())
+    assert config["resolved"]["data_dir"] == str(tiny_data) and config["image_size"] == 32
