@@ -25,7 +25,7 @@ from fastft.data.layout import scan_dataset
 from fastft.errors import CheckpointError, ConfigError
 from fastft.model import build_resnet18, load_matching, source_weights
 from fastft.report import Reporter
-from fastft.rundir import adopt_saved_config, prepare_run_dir
+from fastft.rundir import adopt_saved_config, choose_run_dir
 from fastft.runtime import resolve_runtime
 from fastft.strategy import get_strategy
 from fastft.timing import EpochTiming, StepClock, steady_rates, sync
@@ -43,7 +43,7 @@ class Trainer:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("multi-process launch (torchrun) is not supported yet; run fastft train directly")
         validate(self.cfg)
-        self.run_dir = prepare_run_dir(self.cfg)
+        self.run_dir = choose_run_dir(self.cfg)
         saved = load_checkpoint(self.run_dir) if self.cfg.resume else None
         warnings = []
         if saved:
@@ -60,9 +60,10 @@ class Trainer:
         self._setup_optimizer()
         if saved:
             self._restore(saved)
-        else:
-            self.reporter.keep_metrics_up_to(0)  # a fresh run in a used folder starts a fresh log
         self.forward = torch.compile(self.model) if self.rt.compile else self.model
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.reporter.keep_metrics_up_to(self.start_epoch)  # a fresh run in a used folder: a fresh log
         self.reporter.write_config({**self.cfg.to_dict(), "resolved": self._resolved()})
         return self
 
@@ -105,7 +106,6 @@ class Trainer:
         self.scaler.load_state_dict(saved["scaler"])
         restore_rng(saved["rng"])
         self.start_epoch = saved["epoch"]
-        self.reporter.keep_metrics_up_to(self.start_epoch)
         self.reporter.say(f"resumed {self.run_dir} after epoch {self.start_epoch}")
 
     def _resolved(self) -> dict:

@@ -18,7 +18,7 @@ from fastft.errors import CheckpointError, ConfigError
 RUNTIME_FIELDS = ("epochs", "data", "device", "compile", "workers")
 ALWAYS_GIVEN = ("out", "resume")
 
-def prepare_run_dir(cfg: TrainConfig) -> Path:
+def choose_run_dir(cfg: TrainConfig) -> Path:
     if cfg.resume and not cfg.out:
         raise ConfigError("--resume needs --out RUN_DIR, the folder of the run to continue")
     name = f"{cfg.strategy.replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -28,8 +28,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
         raise CheckpointError(f"{run_dir}: nothing to resume (no {checkpoint_path(run_dir).name})")
     if not cfg.resume and has_checkpoint:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    return run_dir  # created once the run is set up, so a failed start leaves no empty folder
 
 
 def adopt_saved_config(given: TrainConfig, saved: dict,

@@ -118,7 +118,7 @@ def test_a_bad_image_is_named_in_one_line(capsys, data_copy, imagenet_like, tmp_
     spoil(bad)
     err = one_line_error(capsys, tiny_args(data_copy, imagenet_like, tmp_path / "r"))
     assert str(bad) in err and expect in err
-    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+    assert not (tmp_path / "r").exists(), "a run that never started leaves no folder behind"
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
