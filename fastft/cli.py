@@ -23,7 +23,7 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune ResNet-18", argument_default=S,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()
-    p.add_argument("--data", help=f"ImageFolder DIR, 'synthetic', or omit for the hotdog set (default: download)")
+    p.add_argument("--data", help="ImageFolder DIR, 'synthetic', or omit for the hotdog set (default: download)")
     p.add_argument("--strategy", help=f"finetune|frozen|hotdog|scratch|partial:K (default: {d.strategy})")
     p.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"global batch, all processes (default: {d.batch_size})")

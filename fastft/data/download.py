@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from fastft.data.staging import is_vacant, move_into_place
 from fastft.errors import DataError
 
 HOTDOG_URL = "http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip"
@@ -124,7 +125,7 @@ def _find_dataset_root(folder: Path) -> Path:
 
 def _install(zip_path: Path, target: Path) -> None:
     """Extract beside `target`, then rename the dataset folder into place."""
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+    if not is_vacant(target):
         raise DataError(f"{target} exists but has no train/ and test/ folders; remove it or point --data elsewhere")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
@@ -132,10 +133,7 @@ def _install(zip_path: Path, target: Path) -> None:
         raise DataError(f"cannot create a temp folder beside {target} ({e})") from e
     try:
         safe_extract(zip_path, tmp)
-        found = _find_dataset_root(tmp)
-        if target.is_dir():
-            target.rmdir()  # empty (checked above); Windows cannot rename onto a folder
-        os.replace(found, target)
+        move_into_place(_find_dataset_root(tmp), target)
     except OSError as e:
         raise DataError(f"cannot move the extracted dataset to {target} ({e})") from e
     finally:

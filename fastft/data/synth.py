@@ -10,7 +10,6 @@ everything else avoids that colour, so colour and shape both carry the label.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from fastft.data.staging import is_vacant, move_into_place
 from fastft.errors import DataError
 
 CLASS_NAMES = ("hotdog", "not-hotdog")
@@ -249,7 +249,7 @@ def write_synthetic(root: Path, n_train: int = 2000, n_test: int = 800, seed: in
         raise DataError(f"synthetic dataset needs at least 2 train and 2 test images, got {n_train}/{n_test}")
     if seed < 0:
         raise DataError(f"synthetic dataset seed must be >= 0, got {seed}")
-    if root.exists() and not (root.is_dir() and not any(root.iterdir())):
+    if not is_vacant(root):
         raise DataError(f"refusing to write the synthetic dataset into {root}: it exists and is not empty")
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -261,9 +261,7 @@ def write_synthetic(root: Path, n_train: int = 2000, n_test: int = 800, seed: in
                   disable=None if progress else True) as bar:
             _write_split(tmp, "train", n_train, seed, bar)
             _write_split(tmp, "test", n_test, seed, bar)
-        if root.is_dir():
-            root.rmdir()  # empty (checked above); Windows cannot rename onto a folder
-        os.replace(tmp, root)
+        move_into_place(tmp, root)
     except OSError as e:
         raise DataError(f"cannot write the synthetic dataset to {root} ({e})") from e
     finally:
