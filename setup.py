@@ -10,7 +10,10 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "dali-cu13": ["nvidia-dali-cuda130"],
-        "test": ["pytest", "pytest-benchmark"],
+        "plot": ["matplotlib"],
+        # Tests run the DALI pipelines with CPU operators, so CI installs DALI where wheels exist.
+        "test": ["pytest", "pytest-benchmark",
+                 "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["fastft=fastft.cli:main"]},
 )

@@ -45,7 +45,21 @@ def add_train_parser(sub) -> None:
     p.add_argument("--out", help="run folder (default: runs/STRATEGY-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--seed", type=int, help=f"(default: {d.seed})")
-    p.add_argument("--workers", type=int, help="DataLoader processes (default: min(4, cores) on CUDA, 0 on CPU)")
+    p.add_argument("--workers", type=int, help="DataLoader processes, or DALI CPU threads "
+                   "(default: min(4, cores) on CUDA, 0 on CPU)")
+    p.add_argument("--skip-bad", action="store_true", help="drop undecodable images at startup and say how many")
+    p.add_argument("--decode-cache", choices=["auto", "on", "off"],
+                   help="DALI: reuse decoded images after the first epoch (default: auto, when they fit)")
+    p.add_argument("--optimizer", choices=["sgd", "apex-sgd"],
+                   help="sgd = torch SGD, fused on CUDA; apex-sgd needs NVIDIA apex (default: sgd)")
+    p.add_argument("--compile-mode", choices=["default", "max-autotune", "reduce-overhead"],
+                   help="torch.compile mode; reduce-overhead uses CUDA graphs (default: default)")
+    p.add_argument("--fast-frozen", action=argparse.BooleanOptionalAction,
+                   help="run frozen layers BN-folded in inference mode (default: on)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="multi-process: sync BatchNorm statistics across ranks (default: per rank)")
+    p.add_argument("--dist-timeout", dest="dist_timeout_s", type=float,
+                   help="seconds a rank waits on a collective before the job fails (default: 300)")
 
 
 def add_data_parser(sub) -> None:

@@ -17,6 +17,9 @@ from fastft.errors import ConfigError
 LOADERS = ("auto", "torch", "dali")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LOSS_REDUCTIONS = ("sum", "mean")
+DECODE_CACHES = ("auto", "on", "off")
+OPTIMIZERS = ("sgd", "apex-sgd")
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 
 
 def default_cache_dir() -> Path:
@@ -34,6 +37,8 @@ class TrainConfig:
     workers: int = -1              # DataLoader processes; -1 = min(4, cores) on CUDA, 0 on CPU
     synth_train: int = 2000        # images, size of the "synthetic" train split
     synth_test: int = 800          # images, size of the "synthetic" test split
+    skip_bad: bool = False         # drop undecodable files at startup (and say how many)
+    decode_cache: str = "auto"     # DALI: keep decoded images after epoch 1; auto = when they fit
 
     # --- model and strategy ---
     strategy: str = "finetune"     # finetune | frozen | hotdog | scratch | partial:K
@@ -47,12 +52,17 @@ class TrainConfig:
     weight_decay: float = 1e-3     # L2 coefficient added to every gradient
     momentum: float = 0.0          # SGD momentum; the chapter uses none
     loss_reduction: str = "sum"    # sum (the chapter) | mean (needs lr x batch, wd / batch)
+    optimizer: str = "sgd"         # sgd (torch, fused on CUDA) | apex-sgd (apex FusedSGD)
 
     # --- speed ---
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     amp: str = "auto"              # auto | bf16 | fp16 | off
     compile: bool | None = None    # None = on for CUDA, off on CPU
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead = CUDA graphs
     channels_last: bool = True
+    fast_frozen: bool = True       # frozen layers: BN folded, inference mode, no autograd
+    sync_bn: bool = False          # multi-process: BN statistics synced across ranks
+    dist_timeout_s: float = 300.0  # s, a collective waiting longer ends the job
 
     # --- run bookkeeping ---
     out: str = ""                  # run folder; "" = runs/<strategy>-<time>
@@ -80,6 +90,11 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
         (cfg.loader in LOADERS, f"--loader must be one of {LOADERS}, got {cfg.loader!r}"),
         (cfg.amp in AMP_MODES, f"--amp must be one of {AMP_MODES}, got {cfg.amp!r}"),
+        (cfg.decode_cache in DECODE_CACHES, f"--decode-cache must be one of {DECODE_CACHES}, got {cfg.decode_cache!r}"),
+        (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}"),
+        (cfg.compile_mode in COMPILE_MODES,
+         f"--compile-mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}"),
+        (cfg.dist_timeout_s > 0, f"--dist-timeout must be positive, got {cfg.dist_timeout_s}"),
         (cfg.loss_reduction in LOSS_REDUCTIONS,
          f"--loss-reduction must be one of {LOSS_REDUCTIONS}, got {cfg.loss_reduction!r}"),
     ]

@@ -50,7 +50,7 @@ def make_cfg(tiny_data, imagenet_like, tmp_path):
     """A TrainConfig small enough for a CPU test; keyword arguments override."""
     def make(**overrides) -> TrainConfig:
         values = dict(data=str(tiny_data), weights=str(imagenet_like), epochs=1, batch_size=8,
-                      image_size=32, workers=0, device="cpu", amp="off", compile=False,
+                      image_size=32, workers=0, device="cpu", amp="off", compile=False, loader="torch",
                       out=str(tmp_path / "run"), lr=1e-3)
         values.update(overrides)
         return TrainConfig(**values)
