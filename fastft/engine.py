@@ -70,8 +70,7 @@ class Trainer:
     def _setup_data(self) -> None:
         self.data_dir = resolve_data_dir(self.cfg)
         self.layout = scan_dataset(self.data_dir)
-        self.data = build_loaders(self.cfg, self.layout, self.rt.workers, self.rt.rank,
-                                  self.rt.world_size, pin_memory=self.rt.device.type == "cuda")
+        self.data = build_loaders(self.cfg, self.layout, self.rt)
         self.reporter.say(
             f"data {self.data_dir}: {self.data.train_size} train / {self.data.test_size} test images, "
             f"classes {list(self.data.classes)}, loader {self.data.name}")

@@ -26,13 +26,12 @@ def resolve_data_dir(cfg: TrainConfig, cache_dir: Path | None = None) -> Path:
     return Path(cfg.data).expanduser()
 
 
-def build_loaders(cfg: TrainConfig, layout, workers: int, rank: int, world_size: int,
-                  pin_memory: bool):
-    """The backend for `--loader`; `auto` is the torch reference until DALI lands."""
+def build_loaders(cfg: TrainConfig, layout, rt):
+    """The backend for `--loader` on runtime `rt` (device, AMP dtype, layout, workers, rank)."""
     if cfg.loader == "dali":
         raise ConfigError("--loader dali is not available yet; use --loader torch (or auto)")
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} does not divide over {world_size} processes")
+    if cfg.batch_size % rt.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not divide over {rt.world_size} processes")
     from fastft.data.torch_loader import TorchLoaders
-    return TorchLoaders(layout, cfg.image_size, cfg.batch_size // world_size, workers, cfg.seed,
-                        rank, world_size, pin_memory)
+    return TorchLoaders(layout, cfg.image_size, cfg.batch_size // rt.world_size, rt.workers, cfg.seed,
+                        rt.rank, rt.world_size, pin_memory=rt.device.type == "cuda")
