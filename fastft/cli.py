@@ -10,6 +10,7 @@ Every error a user can fix is printed as one line, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -124,13 +125,19 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_prefix() -> str:
+    """Under torchrun, which process failed."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f"[rank {os.environ.get('RANK')}] " if world.isdigit() and int(world) > 1 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     commands = {"train": run_train, "data": run_data, "predict": run_predict}
     try:
         return commands[args.command](args)
     except FastftError as exc:
-        print(f"fastft: error: {exc.one_line()}", file=sys.stderr)
+        print(f"fastft: error: {_rank_prefix()}{exc.one_line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fastft: interrupted; the last saved checkpoint is intact", file=sys.stderr)

@@ -1,23 +1,29 @@
 """The training run, in named phases: setup -> fit (train_epoch, evaluate, save) -> summary.
 
-Single process:   fastft train --data synthetic
+    fastft train --data synthetic                                      # one process
+    torchrun --standalone --nproc_per_node=4 -m fastft train ...       # DDP, 4 processes
+    torchrun --nnodes=2 --nproc_per_node=4 --rdzv-backend=c10d \\
+             --rdzv-endpoint=HOST:29500 -m fastft train ...             # DDP, 2 machines
+
 The loss follows the chapter: per-example cross-entropy summed over the batch,
 so `--lr` is the step per summed example gradient (see README, "lr and the loss").
+`--batch-size` is the global batch; under DDP each process takes batch/world.
 
 Hot loop rule: no host-device sync per step. Loss and accuracy accumulate in
-device tensors and are read once per epoch; step times use CUDA events.
+device tensors and are read (and summed over processes) once per epoch; step
+times use CUDA events. Only the main process (rank 0) prints and writes files.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fastft import __version__
+from fastft import __version__, distributed
 from fastft.checkpoint import checkpoint_path, load_checkpoint, restore_rng, rng_state, save_atomic
 from fastft.config import TrainConfig, validate
 from fastft.data import build_loaders, resolve_data_dir
@@ -25,8 +31,9 @@ from fastft.data.layout import scan_dataset
 from fastft.errors import CheckpointError, ConfigError
 from fastft.model import build_resnet18, load_matching, source_weights
 from fastft.report import Reporter
+from fastft.resources import compiled_graphs, peak_memory_mb, reset_peak_memory
 from fastft.rundir import adopt_saved_config, choose_run_dir
-from fastft.runtime import resolve_runtime
+from fastft.runtime import pick_device, resolve_runtime
 from fastft.strategy import get_strategy
 from fastft.timing import EpochTiming, StepClock, steady_rates, sync
 
@@ -40,32 +47,44 @@ class Trainer:
 
     # --- setup -------------------------------------------------------------------------
     def setup(self) -> "Trainer":
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("multi-process launch (torchrun) is not supported yet; run fastft train directly")
         validate(self.cfg)
-        self.run_dir = choose_run_dir(self.cfg)
+        self.launch = distributed.launch_from_env()
+        distributed.start(self.launch, pick_device(self.cfg.device).type, self.cfg.dist_timeout_s)
+        # Rank 0 names the run folder (its default name holds the start time) for everyone.
+        self.run_dir = distributed.from_main(choose_run_dir(self.cfg) if self.launch.rank == 0 else None)
         saved = load_checkpoint(self.run_dir) if self.cfg.resume else None
         warnings = []
         if saved:
             self.cfg, warnings = adopt_saved_config(self.cfg, saved["config"], self.typed)
-        self.rt = resolve_runtime(self.cfg)
+        self.rt = resolve_runtime(self.cfg, self.launch)
+        self._check_distributed_settings()
         self.reporter = Reporter(self.run_dir, self.rt.is_main)
         for line in warnings:
             self.reporter.warn(line)
         self.strategy = get_strategy(self.cfg.strategy)  # a typo fails before any data work
+        reset_peak_memory(self.rt.device)
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
-        self._setup_data()
-        self._setup_model(saved)
+        with distributed.local_main_first(self.launch):  # one download per machine
+            self._setup_data()
+            self._setup_model(saved)
         self._setup_optimizer()
         if saved:
             self._restore(saved)
-        self.forward = torch.compile(self.model) if self.rt.compile else self.model
+        self._wrap_model()
         if self.rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.reporter.keep_metrics_up_to(self.start_epoch)  # a fresh run in a used folder: a fresh log
         self.reporter.write_config({**self.cfg.to_dict(), "resolved": self._resolved()})
         return self
+
+    def _check_distributed_settings(self) -> None:
+        if self.rt.distributed and self.rt.device.type != pick_device(self.cfg.device).type:
+            raise ConfigError(f"the resumed run uses --device {self.cfg.device}; type --device again "
+                              f"to run it on this machine's {pick_device('auto').type}")
+        if self.cfg.sync_bn and self.rt.distributed and self.rt.device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); "
+                              "drop --sync-bn on CPU: BN statistics are then per process")
 
     def _setup_data(self) -> None:
         self.data_dir = resolve_data_dir(self.cfg)
@@ -85,7 +104,12 @@ class Trainer:
                     self.reporter.say(line)
             self.strategy.init_head(model, source, list(self.data.classes))
         self.strategy.freeze(model)
+        if self.cfg.sync_bn and self.rt.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.rt.device, memory_format=self.rt.memory_format)
+        # Each process draws its own augmentation numbers from here on; the model above
+        # is built from the same seed everywhere.
+        torch.manual_seed(self.cfg.seed + self.rt.rank)
 
     def _setup_optimizer(self) -> None:
         groups = self.strategy.param_groups(self.model, self.cfg.lr, self.cfg.head_lr_mult)
@@ -96,6 +120,18 @@ class Trainer:
         # Only fp16 needs loss scaling; a disabled scaler passes everything straight through.
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
 
+    def _wrap_model(self) -> None:
+        """DDP reduces only parameters that require grad, so a frozen backbone costs no traffic."""
+        net = self.model
+        if self.rt.distributed:
+            device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
+        self.forward = torch.compile(net, mode=self._compile_mode()) if self.rt.compile else net
+        self.graphs_before = compiled_graphs()
+
+    def _compile_mode(self) -> str | None:
+        return None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
+
     def _restore(self, saved: dict) -> None:
         if list(saved["classes"]) != list(self.data.classes):
             raise CheckpointError(f"{self.run_dir}: the run was trained on classes {list(saved['classes'])}, "
@@ -103,9 +139,17 @@ class Trainer:
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
-        restore_rng(saved["rng"])
+        self._restore_rng(saved)
         self.start_epoch = saved["epoch"]
         self.reporter.say(f"resumed {self.run_dir} after epoch {self.start_epoch}")
+
+    def _restore_rng(self, saved: dict) -> None:
+        per_rank = saved.get("rng_per_rank") or [saved["rng"]]
+        if len(per_rank) == self.rt.world_size:
+            restore_rng(per_rank[self.rt.rank])
+        else:
+            self.reporter.warn(f"the run was saved by {len(per_rank)} processes and resumes with "
+                               f"{self.rt.world_size}; random streams restart from the seed")
 
     def _resolved(self) -> dict:
         return {"device": str(self.rt.device), "amp": self.rt.amp_name, "compile": self.rt.compile,
@@ -128,6 +172,9 @@ class Trainer:
             logits = self.forward(x)
         losses = F.cross_entropy(logits.float(), y, reduction="none")
         loss = losses.sum() if self.cfg.loss_reduction == "sum" else losses.mean()
+        if self.cfg.loss_reduction == "sum":
+            # DDP averages gradients over processes; the chapter's update is their sum.
+            loss = loss * self.rt.world_size
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -156,13 +203,20 @@ class Trainer:
                 first_batch, first_step_wall = y.shape[0], time.perf_counter() - start
         sync(device)
         wall = time.perf_counter() - start
-        self.timings.append(EpochTiming(examples, wall, clock.durations_s(), first_batch, first_step_wall))
-        return {"train_loss": loss_sum.item() / examples, "train_acc": correct.item() / examples,
-                "examples": examples, "epoch_s": wall}
+        total_loss, total_correct, total = self._sum_over_ranks(loss_sum, correct, examples)
+        self.timings.append(EpochTiming(int(total), wall, clock.durations_s(),
+                                        first_batch * self.rt.world_size, first_step_wall))
+        return {"train_loss": total_loss / total, "train_acc": total_correct / total,
+                "examples": int(total), "epoch_s": wall}
+
+    def _sum_over_ranks(self, *values) -> list[float]:
+        """Per-process totals summed over all processes: the epoch's one read of device values."""
+        stacked = torch.stack([torch.as_tensor(v, device=self.rt.device).double() for v in values])
+        return distributed.sum_over_ranks(stacked).tolist()
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int]:
-        """Test accuracy over every test image; returns (accuracy, images counted)."""
+        """Test accuracy over every test image, each counted once over all processes."""
         self.model.eval()
         correct = torch.zeros((), dtype=torch.int64, device=self.rt.device)
         count = torch.zeros((), dtype=torch.int64, device=self.rt.device)
@@ -173,16 +227,17 @@ class Trainer:
                 logits = self.forward(x)
             correct += (logits.argmax(dim=1) == y).sum()
             count += y.shape[0]
-        n = int(count.item())
-        return correct.item() / max(n, 1), n
+        total_correct, total = self._sum_over_ranks(correct, count)
+        return total_correct / max(total, 1), int(total)
 
     # --- the run -----------------------------------------------------------------------
     def fit(self) -> dict:
         started = time.perf_counter()
-        record = None
+        record, graphs_after_warmup = None, None
         for epoch in range(self.start_epoch, self.cfg.epochs):
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             record["test_acc"], record["test_examples"] = self.evaluate()
+            graphs_after_warmup = compiled_graphs() if graphs_after_warmup is None else graphs_after_warmup
             timing = self.timings[-1]
             record["examples_per_sec"] = timing.examples / timing.wall_s
             record["examples_per_sec_compute"] = timing.examples / sum(timing.step_s)
@@ -192,31 +247,45 @@ class Trainer:
         if record is None:
             raise ConfigError(f"{self.run_dir} already finished {self.start_epoch} epochs; "
                               f"pass a larger --epochs to train on")
-        summary = self._summary(record, time.perf_counter() - started)
+        summary = self._summary(record, time.perf_counter() - started, graphs_after_warmup)
         self.reporter.write_summary(summary)
         self.reporter.final_lines(summary)
         return summary
 
     def save_checkpoint(self, epochs_done: int) -> None:
+        rngs = distributed.gather_to_all(rng_state())  # every process's stream, for an exact resume
         if not self.rt.is_main:
             return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "epoch": epochs_done, "rng": rng_state(),
-                 "config": self.cfg.to_dict(), "classes": list(self.data.classes),
-                 "fastft_version": __version__}
+                 "scaler": self.scaler.state_dict(), "epoch": epochs_done, "rng": rngs[0],
+                 "rng_per_rank": rngs, "config": self.cfg.to_dict(), "classes": list(self.data.classes),
+                 "world_size": self.rt.world_size, "fastft_version": __version__}
         save_atomic(state, checkpoint_path(self.run_dir))
 
-    def _summary(self, last: dict, wall_s: float) -> dict:
+    def _replicas_identical(self) -> bool:
+        """DDP keeps replicas equal; a silent divergence would make rank 0's checkpoint a lie."""
+        if not self.rt.distributed:
+            return True
+        prints = distributed.gather_to_all(distributed.replica_fingerprint(self.model.parameters()))
+        return all(p == prints[0] for p in prints)
+
+    def _summary(self, last: dict, wall_s: float, graphs_after_warmup: int) -> dict:
+        graphs = compiled_graphs()
         return {
             "strategy": self.cfg.strategy, "epochs": last["epoch"],
             "train_loss": last["train_loss"], "train_acc": last["train_acc"],
             "test_acc": last["test_acc"], "test_examples": last["test_examples"],
             **steady_rates(self.timings, self.rt.compile),
-            "world_size": self.rt.world_size, "device": str(self.rt.device), "loader": self.data.name,
+            "compiled_graphs": graphs - self.graphs_before, "recompiles": graphs - graphs_after_warmup,
+            "peak_mem_mb": peak_memory_mb(self.rt.device),
+            "world_size": self.rt.world_size, "replicas_identical": self._replicas_identical(),
+            "device": str(self.rt.device), "loader": self.data.name,
             "amp": self.rt.amp_name, "compile": self.rt.compile, "channels_last": self.rt.channels_last,
             "batch_size": self.cfg.batch_size, "image_size": self.cfg.image_size, "wall_s": wall_s,
         }
 
 
 def train(cfg: TrainConfig, typed: frozenset[str] | None = None) -> dict:
-    return Trainer(cfg, typed).setup().fit()
+    summary = Trainer(cfg, typed).setup().fit()
+    distributed.stop()
+    return summary

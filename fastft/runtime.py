@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fastft.config import TrainConfig
+from fastft.distributed import Launch
 from fastft.errors import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -27,6 +28,8 @@ class Runtime:
     workers: int                    # DataLoader worker processes
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False       # launched by torchrun: a process group and a DDP wrapper
 
     @property
     def is_main(self) -> bool:
@@ -48,12 +51,14 @@ def cpu_has_fast_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def pick_device(requested: str) -> torch.device:
+def pick_device(requested: str, launch: Launch = Launch()) -> torch.device:
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {requested}: no CUDA device is available here; use --device cpu")
+    if device.type == "cuda" and launch.launched:
+        return torch.device("cuda", launch.local_rank)  # one GPU per process, as torchrun numbers them
     return device
 
 
@@ -65,19 +70,25 @@ def pick_amp(requested: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
-def default_workers(device: torch.device) -> int:
+def default_workers(device: torch.device, processes_here: int = 1) -> int:
     """Loader processes: on CUDA the CPU cores are free to decode; on a CPU they would
     steal cores from the step (2 cores, 64 px: 61 img/s with 0 workers, 54 with 2)."""
-    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
+    if device.type != "cuda":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) // processes_here))
 
 
-def resolve_runtime(cfg: TrainConfig) -> Runtime:
-    device = pick_device(cfg.device)
-    workers = cfg.workers if cfg.workers >= 0 else default_workers(device)
+def resolve_runtime(cfg: TrainConfig, launch: Launch = Launch()) -> Runtime:
+    device = pick_device(cfg.device, launch)
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(device, launch.local_world_size)
     return Runtime(
         device=device,
         amp_dtype=pick_amp(cfg.amp, device),
         compile=cfg.compile if cfg.compile is not None else device.type == "cuda",
         channels_last=cfg.channels_last,
         workers=workers,
+        rank=launch.rank,
+        world_size=launch.world_size,
+        local_rank=launch.local_rank,
+        distributed=launch.launched,
     )

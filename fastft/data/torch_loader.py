@@ -3,6 +3,11 @@
 Each process reads its own shard: training through a DistributedSampler (one
 replica in a plain run), evaluation through a strided split that gives every
 test image to exactly one process, with no padding.
+
+A training image's random crop and flip depend on (seed, epoch, image index)
+only, not on which process or worker loads it: 4 processes with batch 8 each
+see exactly the batches of 1 process with batch 32, and a resumed run sees
+exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -21,16 +26,28 @@ from fastft.data.transforms import eval_transform, train_transform
 class LabelledFiles(Dataset):
     """ImageFolder's samples, taken from the validated scan rather than a second walk."""
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform):
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform, seed: int | None = None):
         self.samples = samples
         self.transform = transform
+        self.seed = seed      # None: a deterministic transform that draws no random numbers
+        self.epoch = 0        # set before each epoch's iterator copies the dataset to workers
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return self.transform(load_rgb(path)), label
+        image = load_rgb(path)
+        if self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            return self.transform(image), label
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A distinct 63-bit seed per (run seed, epoch, image)."""
+    return (seed * 1_000_003 + epoch) * 10_000_019 + index & (2**63 - 1)
 
 
 class StridedShard(Sampler[int]):
@@ -53,7 +70,7 @@ class TorchLoaders:
 
     def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, workers: int,
                  seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
-        self.train_set = LabelledFiles(layout.files["train"], train_transform(image_size))
+        self.train_set = LabelledFiles(layout.files["train"], train_transform(image_size), seed)
         self.test_set = LabelledFiles(layout.files["test"], eval_transform(image_size))
         self.classes: Sequence[str] = layout.classes
         self.sampler = DistributedSampler(self.train_set, num_replicas=world_size, rank=rank,
@@ -74,6 +91,7 @@ class TorchLoaders:
     def train_batches(self, epoch: int) -> DataLoader:
         # The shuffle order depends on (seed, epoch) only, so a resumed run sees the same order.
         self.sampler.set_epoch(epoch)
+        self.train_set.epoch = epoch
         return self.train
 
     def test_batches(self) -> DataLoader:
