@@ -29,6 +29,7 @@ from fastft.config import TrainConfig, validate
 from fastft.data import build_loaders, resolve_data_dir
 from fastft.data.layout import scan_dataset
 from fastft.errors import CheckpointError, ConfigError
+from fastft.forward import Forward
 from fastft.model import build_resnet18, load_matching, source_weights
 from fastft.report import Reporter
 from fastft.resources import compiled_graphs, peak_memory_mb, reset_peak_memory
@@ -121,16 +122,14 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
 
     def _wrap_model(self) -> None:
-        """DDP reduces only parameters that require grad, so a frozen backbone costs no traffic."""
-        net = self.model
-        if self.rt.distributed:
-            device_ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            net = nn.parallel.DistributedDataParallel(net, device_ids=device_ids)
-        self.forward = torch.compile(net, mode=self._compile_mode()) if self.rt.compile else net
+        """The forward as it will run: frozen fast path, DDP, compile (built after any resume)."""
+        self.forward = Forward(self.model, self.strategy.frozen_stages, self.cfg.fast_frozen, self.rt,
+                               self.cfg.compile_mode)
+        if self.forward.prefix is not None:
+            self.reporter.say(f"fast path: {self.strategy.frozen_stages} frozen stage(s) run BN-folded "
+                              f"without autograd" + ("; test features computed once and kept"
+                                                     if self.forward.cache is not None else ""))
         self.graphs_before = compiled_graphs()
-
-    def _compile_mode(self) -> str | None:
-        return None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
 
     def _restore(self, saved: dict) -> None:
         if list(saved["classes"]) != list(self.data.classes):
@@ -218,17 +217,27 @@ class Trainer:
     def evaluate(self) -> tuple[float, int]:
         """Test accuracy over every test image, each counted once over all processes."""
         self.model.eval()
+        cache = self.forward.cache
+        if cache is not None and cache.ready:  # a frozen backbone: the head alone on kept features
+            counts = self.forward.cached_accuracy((), self._autocast)
+        else:
+            batches = self.reporter.progress(self.data.test_batches(), len(self.data.test_batches()), "test")
+            on_device = (self._to_device(x, y) for x, y in batches)
+            counts = self.forward.cached_accuracy(on_device, self._autocast)
+            if counts is None:
+                counts = self._full_evaluation(on_device)
+        total_correct, total = self._sum_over_ranks(*counts)
+        return total_correct / max(total, 1), int(total)
+
+    def _full_evaluation(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
         correct = torch.zeros((), dtype=torch.int64, device=self.rt.device)
         count = torch.zeros((), dtype=torch.int64, device=self.rt.device)
-        batches = self.reporter.progress(self.data.test_batches(), len(self.data.test_batches()), "test")
         for x, y in batches:
-            x, y = self._to_device(x, y)
             with self._autocast():
                 logits = self.forward(x)
             correct += (logits.argmax(dim=1) == y).sum()
             count += y.shape[0]
-        total_correct, total = self._sum_over_ranks(correct, count)
-        return total_correct / max(total, 1), int(total)
+        return correct, count
 
     # --- the run -----------------------------------------------------------------------
     def fit(self) -> dict:
