@@ -31,6 +31,7 @@ from fastft.data.layout import scan_dataset
 from fastft.errors import CheckpointError, ConfigError
 from fastft.forward import Forward
 from fastft.model import build_resnet18, load_matching, source_weights
+from fastft.optim import build_optimizer
 from fastft.report import Reporter
 from fastft.resources import compiled_graphs, peak_memory_mb, reset_peak_memory
 from fastft.rundir import adopt_saved_config, choose_run_dir
@@ -114,10 +115,7 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         groups = self.strategy.param_groups(self.model, self.cfg.lr, self.cfg.head_lr_mult)
-        fused = self.rt.device.type == "cuda"
-        self.optimizer = torch.optim.SGD(groups, lr=self.cfg.lr, momentum=self.cfg.momentum,
-                                         weight_decay=self.cfg.weight_decay,
-                                         fused=fused or None, foreach=None if fused else True)
+        self.optimizer = build_optimizer(groups, self.cfg, self.rt.device)
         # Only fp16 needs loss scaling; a disabled scaler passes everything straight through.
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
 
