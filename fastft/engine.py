@@ -90,11 +90,20 @@ class Trainer:
 
     def _setup_data(self) -> None:
         self.data_dir = resolve_data_dir(self.cfg)
-        self.layout = scan_dataset(self.data_dir)
+        # --skip-bad decodes every file once, so no bad file can stop the run later.
+        skip = self.cfg.skip_bad
+        self.layout = scan_dataset(self.data_dir, full_decode=skip, progress=skip and self.rt.is_main,
+                                   skip_bad=skip)
+        if self.layout.dropped:
+            path, reason = self.layout.dropped[0]
+            self.reporter.warn(f"--skip-bad: left out {len(self.layout.dropped)} bad file(s); "
+                               f"the first, {path}: {reason}")
         self.data = build_loaders(self.cfg, self.layout, self.rt)
         self.reporter.say(
             f"data {self.data_dir}: {self.data.train_size} train / {self.data.test_size} test images, "
             f"classes {list(self.data.classes)}, loader {self.data.name}")
+        for line in self.data.describe():
+            self.reporter.say(line)
 
     def _setup_model(self, saved: dict | None) -> None:
         model = build_resnet18(len(self.data.classes))
@@ -142,8 +151,10 @@ class Trainer:
 
     def _restore_rng(self, saved: dict) -> None:
         per_rank = saved.get("rng_per_rank") or [saved["rng"]]
+        loaders = saved.get("loader_per_rank") or [None] * len(per_rank)
         if len(per_rank) == self.rt.world_size:
             restore_rng(per_rank[self.rt.rank])
+            self.data.load_state_dict(loaders[self.rt.rank])
         else:
             self.reporter.warn(f"the run was saved by {len(per_rank)} processes and resumes with "
                                f"{self.rt.world_size}; random streams restart from the seed")
@@ -260,12 +271,14 @@ class Trainer:
         return summary
 
     def save_checkpoint(self, epochs_done: int) -> None:
-        rngs = distributed.gather_to_all(rng_state())  # every process's stream, for an exact resume
+        # Every process's random stream and loader position, for an exact resume.
+        rngs = distributed.gather_to_all(rng_state())
+        loaders = distributed.gather_to_all(self.data.state_dict())
         if not self.rt.is_main:
             return
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "epoch": epochs_done, "rng": rngs[0],
-                 "rng_per_rank": rngs, "config": self.cfg.to_dict(), "classes": list(self.data.classes),
+                 "rng_per_rank": rngs, "loader_per_rank": loaders, "config": self.cfg.to_dict(), "classes": list(self.data.classes),
                  "world_size": self.rt.world_size, "fastft_version": __version__}
         save_atomic(state, checkpoint_path(self.run_dir))
 

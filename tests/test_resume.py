@@ -23,12 +23,14 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_two_epochs_straight_equal_one_plus_resume_plus_one(make_cfg, tmp_path, workers):
+@pytest.mark.parametrize("loader,workers", [("torch", 0), ("torch", 2), ("dali", 1)])
+def test_two_epochs_straight_equal_one_plus_resume_plus_one(make_cfg, tmp_path, loader, workers):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(make_cfg(epochs=2, out=str(straight), workers=workers))
-    train(make_cfg(epochs=1, out=str(split), workers=workers))
-    train(make_cfg(epochs=2, out=str(split), workers=workers, resume=True))
+    train(make_cfg(epochs=2, out=str(straight), workers=workers, loader=loader))
+    train(make_cfg(epochs=1, out=str(split), workers=workers, loader=loader))
+    train(make_cfg(epochs=2, out=str(split), workers=workers, loader=loader, resume=True))
     a, b = load_checkpoint(straight), load_checkpoint(split)
     assert a["epoch"] == b["epoch"] == 2
     for name, tensor in a["model"].items():

@@ -9,6 +9,7 @@ ImageFolder's so labels mean the same thing whichever one a caller uses.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from collections.abc import Callable, Iterable, Iterator
@@ -33,6 +34,8 @@ class DatasetLayout:
     root: Path
     classes: tuple[str, ...]
     files: dict[str, tuple[tuple[Path, int], ...]]
+    # (path, reason) of each bad file that scan_dataset(skip_bad=True) left out.
+    dropped: tuple[tuple[Path, str], ...] = ()
 
     def counts(self, split: str) -> dict[str, int]:
         """Number of files per class in `split`, in class order."""
@@ -178,14 +181,29 @@ def _bad_files_error(root: Path, bad: list[tuple[Path, str]]) -> DataError:
     return DataError(message)
 
 
-def scan_dataset(root: Path, full_decode: bool = False, progress: bool = False) -> DatasetLayout:
+def _without(layout: DatasetLayout, bad: list[tuple[Path, str]]) -> DatasetLayout:
+    """`layout` less the `bad` files, which it records in `dropped`."""
+    gone = {path for path, _ in bad}
+    files = {split: tuple(s for s in samples if s[0] not in gone) for split, samples in layout.files.items()}
+    for split, samples in files.items():
+        if not samples:
+            raise DataError(f"{_shown(layout.root / split)}: no images left after skipping "
+                            f"{_plural(len(bad), 'bad file')}")
+    return dataclasses.replace(layout, files=files, dropped=tuple(bad))
+
+
+def scan_dataset(root: Path, full_decode: bool = False, progress: bool = False,
+                 skip_bad: bool = False) -> DatasetLayout:
     """Validate the dataset at `root` and return its layout.
 
-    Raises a one-line DataError naming the first wrong folder or bad file.
+    Raises a one-line DataError naming the first wrong folder or bad file; with
+    `skip_bad`, bad files are left out instead and listed in `layout.dropped`.
     Only reads the dataset; never writes into it.
     """
     layout = _scan_structure(Path(root).expanduser())
     bad = find_bad_files(layout, full_decode=full_decode, progress=progress)
+    if bad and skip_bad:
+        return _without(layout, bad)
     if bad:
         raise _bad_files_error(layout.root, bad)
     return layout

@@ -99,3 +99,13 @@ class TorchLoaders:
 
     def steps_per_epoch(self) -> int:
         return len(self.train)
+
+    def describe(self) -> list[str]:
+        return [f"torch loader: {self.train.num_workers} worker process(es)"]
+
+    def state_dict(self) -> None:
+        """Nothing to keep: batches depend on (seed, epoch) only."""
+        return None
+
+    def load_state_dict(self, state: None) -> None:
+        pass

@@ -1,0 +1,324 @@
+"""The DALI data path: decode, crop, flip and normalise in one NVIDIA DALI pipeline.
+
+Batches come out in the training layout and dtype: DALI writes NHWC, which is
+viewed as NCHW channels_last (no copy), in the AMP dtype (bf16 is cast by torch:
+DALI has no bf16 type). On CUDA, JPEGs decode with device="mixed" (nvJPEG plus
+the hardware decoder; a plain decode followed by a separate crop keeps that
+decoder usable, where a fused ROI decode would not). Without a GPU the same
+graph runs with CPU operators and device_id=None, and nothing touches CUDA.
+
+Epochs and shards (shard_id=rank, num_shards=world_size):
+- train: one global reshuffle per epoch (shuffle_after_epoch, the same seed on
+  every rank). The file list is padded, as DistributedSampler pads, to a
+  multiple of world_size so every shard has the same size; each rank then
+  DROPS its ragged last batch. Every step has exactly batch_per_rank examples,
+  so torch.compile never meets a new shape and every rank takes the same steps.
+- test: no shuffle, each rank sticks to its shard, pad_last_batch + PARTIAL:
+  every test image is seen exactly once across ranks, and no padded duplicate.
+
+Buffers: DALI's iterator docs warn that outputs may be reused. With the
+dynamic executor (DALI's default, used here) each batch is a DLPack view that
+keeps its own DALI buffer alive, so a batch kept past a step stays intact
+(a test checks this on CPU; the GPU path runs the same executor). The engine
+keeps nothing past a step anyway, and CUDA-graph compile modes copy inputs
+into their own static buffers.
+
+Resume: the train pipeline is built once per run, so the GPU decoder cache
+survives across epochs, and its shuffle and augmentation streams advance with
+every batch. state_dict() returns DALI's pipeline checkpoint taken between
+epochs; load_state_dict() rebuilds the pipeline from it, so a resumed run gets
+the same next epoch as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from fastft.config import eval_resize_px
+from fastft.data.dali_cache import plan_cache
+from fastft.data.images import decode_problem, shown_path
+from fastft.data.layout import DatasetLayout
+from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fastft.errors import ConfigError, DataError
+
+READER = "reader"
+_FAILED = re.compile(r"Failed to decode sample #\d+ : (.+)")
+_DECODER = "fn.decoders.image"
+
+
+@dataclass(frozen=True)
+class DaliOptions:
+    """Pipeline knobs; bench/loaders.py sweeps them. Defaults are DALI's own
+    (prefetch 2, hw_decoder_load 0.65) until measurements on the target GPU say
+    otherwise."""
+    threads: int = 0                # CPU threads; 0 = rt.workers, or os.cpu_count() if that is 0
+    prefetch: int = 2               # batches DALI prepares ahead
+    hw_decoder_load: float = 0.65   # fraction of JPEGs for the A100/H100 hardware decoder
+
+
+def _on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _device_id(device: torch.device) -> int | None:
+    """DALI's device_id: None keeps a CPU pipeline away from CUDA entirely."""
+    if not _on_gpu(device):
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _decode(encoded, on_gpu: bool, cache_mb: int, hw_load: float):
+    """decoders.image as PIL/ImageFolder decode: RGB, EXIF orientation ignored."""
+    if not on_gpu:
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
+    cache = dict(cache_size=cache_mb, cache_type="threshold", cache_threshold=0) if cache_mb else {}
+    # Fancy upsampling: the chroma upsampling libjpeg-turbo (and so PIL) uses.
+    return fn.decoders.image(encoded, device="mixed", output_type=types.RGB, adjust_orientation=False,
+                             jpeg_fancy_upsampling=True, hw_decoder_load=hw_load, **cache)
+
+
+def _normalize(images, dtype, channels_last: bool, **crop):
+    """ImageNet mean/std in DALI's 0-255 units, straight into the output layout."""
+    return fn.crop_mirror_normalize(
+        images, dtype=dtype, output_layout="HWC" if channels_last else "CHW",
+        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], **crop)
+
+
+def _labels(labels, on_gpu: bool):
+    return labels.gpu() if on_gpu else labels
+
+
+@pipeline_def(enable_checkpointing=True)
+def _train_pipeline(files, labels, size, shard, shards, shuffle_seed, on_gpu, cache_mb, hw_load, dtype,
+                    channels_last):
+    encoded, label = fn.readers.file(files=files, labels=labels, name=READER, shard_id=shard,
+                                     num_shards=shards, pad_last_batch=True, shuffle_after_epoch=True,
+                                     shuffle_after_epoch_seed=shuffle_seed)
+    images = _decode(encoded, on_gpu, cache_mb, hw_load)
+    # DALI's defaults are torchvision's: area 0.08-1, aspect 3/4-4/3, 10 tries.
+    images = fn.random_resized_crop(images, size=[size, size], random_area=[0.08, 1.0],
+                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+    flip = fn.random.coin_flip(probability=0.5)
+    return _normalize(images, dtype, channels_last, mirror=flip), _labels(label, on_gpu)
+
+
+def _center_pos(resize: int, size: int) -> float:
+    """crop_pos giving torchvision CenterCrop's offset, int(round(d / 2)) with Python's
+    half-to-even rounding; DALI's own 0.5 rounds half away from zero (37 -> 32: 3, not 2)."""
+    d = resize - size
+    return int(round(d / 2)) / d if d else 0.5
+
+
+@pipeline_def
+def _test_pipeline(files, labels, size, shard, shards, on_gpu, cache_mb, hw_load, dtype, channels_last):
+    encoded, label = fn.readers.file(files=files, labels=labels, name=READER, shard_id=shard,
+                                     num_shards=shards, pad_last_batch=True, stick_to_shard=True)
+    images = _decode(encoded, on_gpu, cache_mb, hw_load)
+    resize = eval_resize_px(size)
+    # Resize([r, r]): square, not aspect-preserving; linear + antialias is PIL's bilinear.
+    images = fn.resize(images, resize_x=resize, resize_y=resize, interp_type=types.INTERP_LINEAR,
+                       antialias=True)
+    pos = _center_pos(resize, size)
+    return _normalize(images, dtype, channels_last, crop=(size, size), crop_pos_x=pos,
+                      crop_pos_y=pos), _labels(label, on_gpu)
+
+
+def _first_bad(paths: list) -> tuple[str, str] | None:
+    """(path, reason) of the first file PIL cannot fully decode, checked on a few threads."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for path, reason in zip(paths, pool.map(decode_problem, paths)):
+            if reason is not None:
+                return path, reason
+    return None
+
+
+def _as_data_error(err: RuntimeError, paths: list) -> DataError | None:
+    """A decoder failure as fastft's one-line DataError naming the file, else None.
+
+    DALI names the file ('Failed to decode sample #N : PATH') for some failures
+    and only an index for others ("nvImageCodec failure: '#3'"); then the
+    split's files are decoded with PIL, once, to find it.
+    """
+    text = str(err)
+    found = _FAILED.search(text)
+    if found is not None:
+        return DataError(f"{shown_path(found.group(1).strip())}: cannot decode image (DALI decoder failed)")
+    if _DECODER not in text:
+        return None
+    bad = _first_bad(sorted(set(paths)))
+    if bad is None:
+        detail = next((line for line in text.splitlines() if "failure" in line), "decoder error")
+        return DataError(f"DALI cannot decode an image that PIL decodes ({detail.strip()}); use --loader torch")
+    return DataError(f"{shown_path(bad[0])}: cannot decode image ({bad[1]})")
+
+
+class _Batches:
+    """One pass over the train or test split: len() is batches on this rank."""
+
+    def __init__(self, passes: Callable[[], Iterator], length: int):
+        self.passes, self.length = passes, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.passes()
+
+
+def _dali_dtype(amp: torch.dtype | None):
+    return types.FLOAT16 if amp == torch.float16 else types.FLOAT
+
+
+def _shard_size(n: int, shard: int, shards: int) -> int:
+    """Samples in DALI's shard `shard`: [floor(i n / k), floor((i + 1) n / k))."""
+    return (shard + 1) * n // shards - shard * n // shards
+
+
+def _pipeline_seed(seed: int, rank: int) -> int:
+    """Augmentation seed: from (seed, rank), so ranks draw different crops."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)
+
+
+class DaliLoaders:
+    """Train and test batches from DALI pipelines, on rt.device, in the training layout."""
+
+    name = "dali"
+
+    def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, rt, seed: int,
+                 decode_cache: str = "auto", options: DaliOptions = DaliOptions()):
+        self.classes = layout.classes
+        self.rt, self.image_size, self.batch, self.seed = rt, image_size, batch_per_rank, seed
+        self.options = options
+        self.threads = options.threads or rt.workers or os.cpu_count() or 1
+        train, test = layout.files["train"], layout.files["test"]
+        self.train_size, self.test_size = len(train), len(test)
+        # DistributedSampler-style padding: equal shards, so equal step counts on every rank.
+        padded = math.ceil(len(train) / rt.world_size) * rt.world_size
+        self._train = [train[i % len(train)] for i in range(padded)]
+        self._test = list(test)
+        self._train_shard = padded // rt.world_size
+        if self._train_shard < batch_per_rank:
+            raise ConfigError(f"--batch-size {batch_per_rank * rt.world_size}: {len(train)} train images "
+                              f"give each of {rt.world_size} processes less than one batch")
+        self._test_shard = _shard_size(len(test), rt.rank, rt.world_size)
+        self.cache = plan_cache(decode_cache, rt.device, [p for p, _ in train],
+                                [p for p, _ in test][rt.rank:: rt.world_size])
+        self._iters: dict[str, DALIGenericIterator] = {}
+        self._open: set[str] = set()  # passes a caller left before their end
+        self._checkpoint: str | None = None
+        self._epoch = 0  # the epoch the train pipeline produces next
+
+    # --- the backend interface ------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return self._train_shard // self.batch
+
+    def train_batches(self, epoch: int) -> _Batches:
+        if epoch != self._epoch:
+            warnings.warn(f"DALI train pipeline is at epoch {self._epoch}, asked for {epoch}: its shuffle "
+                          f"and crops will differ from an uninterrupted run (load_state_dict first)")
+            self._epoch = epoch
+        return _Batches(lambda: self._pass("train"), self.steps_per_epoch())
+
+    def test_batches(self) -> _Batches:
+        return _Batches(lambda: self._pass("test"), math.ceil(self._test_shard / self.batch))
+
+    def describe(self) -> list[str]:
+        o, rt = self.options, self.rt
+        where = f"mixed decode on {rt.device}" if _on_gpu(rt.device) else "CPU operators (device_id=None)"
+        source = "set" if o.threads else (f"--workers {rt.workers}" if rt.workers else "os.cpu_count()")
+        hw = f", hw_decoder_load {o.hw_decoder_load}" if _on_gpu(rt.device) else ""
+        return [
+            f"dali: {where}, {self.threads} threads ({source}), prefetch {o.prefetch}{hw}",
+            f"dali train: {self.steps_per_epoch()} steps of {self.batch} per process, each dropping the "
+            f"last {self._train_shard % self.batch} of its {self._train_shard} shuffled images per epoch",
+            f"dali decode cache: {self.cache.reason}",
+        ]
+
+    # --- resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The train pipeline's position; take it between epochs."""
+        it = self._iters.get("train")
+        checkpoint = it.checkpoints()[0] if it is not None else self._checkpoint
+        return {"epoch": self._epoch, "dali": checkpoint, "fingerprint": self._fingerprint()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:  # saved by the torch loader: nothing to restore, streams start fresh
+            return
+        self._epoch = state["epoch"]
+        if state.get("fingerprint") != self._fingerprint():
+            warnings.warn("DALI loader state is from another dataset, batch, seed or world size: "
+                          "the train pipeline starts fresh shuffle and crop streams")
+            return
+        self._checkpoint = state["dali"]
+        self._iters.pop("train", None)
+        self._open.discard("train")
+
+    def _fingerprint(self) -> list:
+        return [len(self._train), self.batch, self.seed, self.rt.rank, self.rt.world_size, self.image_size]
+
+    # --- passes over the pipelines ----------------------------------------------------------
+    def _pass(self, kind: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            it = self._iterator(kind)
+            if kind in self._open:  # DALI cannot reset mid-epoch: finish the abandoned pass
+                for _ in it:
+                    pass
+                it.reset()
+            self._open.add(kind)
+            for out in it:
+                # Padding shards to one length can leave a shorter shard a last batch made only
+                # of padding, which PARTIAL trims to nothing.
+                if len(out[0]["y"]):
+                    yield self._torch(out[0])
+            it.reset()
+        except RuntimeError as err:
+            data_error = _as_data_error(err, self._files(kind))
+            if data_error is None:
+                raise
+            raise data_error from err
+        self._open.discard(kind)
+        if kind == "train":
+            self._epoch += 1
+
+    def _files(self, kind: str) -> list:
+        return [os.fspath(p) for p, _ in (self._train if kind == "train" else self._test)]
+
+    def _torch(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        x = out["x"].permute(0, 3, 1, 2) if self.rt.channels_last else out["x"]
+        want = self.rt.amp_dtype or torch.float32
+        # .to keeps the channels_last strides; only bf16 (unknown to DALI) copies here.
+        return (x if x.dtype == want else x.to(want)), out["y"].view(-1).long()
+
+    def _iterator(self, kind: str) -> DALIGenericIterator:
+        """The pipeline for `kind`, built on first use (building starts decoding a batch)."""
+        if kind not in self._iters:
+            if kind == "train":
+                pipe = _train_pipeline(**self._common(self._train, self.cache.train_mb),
+                                       shuffle_seed=self.seed, seed=_pipeline_seed(self.seed, self.rt.rank),
+                                       checkpoint=self._checkpoint)
+            else:
+                pipe = _test_pipeline(**self._common(self._test, self.cache.test_mb), seed=self.seed)
+            policy = LastBatchPolicy.DROP if kind == "train" else LastBatchPolicy.PARTIAL
+            self._iters[kind] = DALIGenericIterator(pipe, ["x", "y"], reader_name=READER,
+                                                    last_batch_policy=policy)
+        return self._iters[kind]
+
+    def _common(self, files, cache_mb: int) -> dict:
+        rt = self.rt
+        return dict(files=[os.fspath(p) for p, _ in files], labels=[label for _, label in files],
+                    size=self.image_size, shard=rt.rank, shards=rt.world_size, on_gpu=_on_gpu(rt.device),
+                    cache_mb=cache_mb, hw_load=self.options.hw_decoder_load,
+                    dtype=_dali_dtype(rt.amp_dtype), channels_last=rt.channels_last,
+                    batch_size=self.batch, num_threads=self.threads, device_id=_device_id(rt.device),
+                    prefetch_queue_depth=self.options.prefetch)
