@@ -1,9 +1,8 @@
 """The whole pipeline learns: scratch on `data synth` reaches 0.9 test accuracy in a few CPU minutes,
 with either loader (DALI's CPU operators and the torch reference), so the two agree within noise.
 
-Measured on a 2-core CPU (48 px, batch 16, the chapter's optimizer): test accuracy by epoch
-0.61, 0.90, 0.89, 0.75, 0.96, 0.95, 0.91, 0.97, about 20 s an epoch. The run is seeded, so it is
-the same run every time on the same software. One run per loader, test accuracy by epoch:
+Measured on a 2-core CPU (48 px, batch 16, the chapter's optimizer, about 20 s an epoch), one
+seeded run per loader, test accuracy by epoch:
 dali 0.879, 0.918, 0.918, 0.902, 0.941, 0.945; torch 0.773, 0.902, 0.906, 0.922, 0.914, 0.973.
 """
 
