@@ -1,4 +1,4 @@
-"""The `fastft` command line: train, data synth|download|check, predict.
+"""The `fastft` command line: train, data synth|download|check, predict, bench.
 
     fastft train --data synthetic                       # no download needed
     fastft train --strategy frozen --out runs/frozen    # the chapter's hotdog set
@@ -83,12 +83,40 @@ def add_predict_parser(sub) -> None:
     p.add_argument("images", nargs="+", type=Path)
 
 
+def add_bench_parser(sub) -> None:
+    from fastft.bench import STRATEGIES, BenchSpec  # no torch import: --help stays fast
+    d = BenchSpec()
+    p = sub.add_parser("bench", help="examples/sec per strategy, fastft against the d2l-style reference")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: %(default)s)")
+    p.add_argument("--data", default=d.data, help="synthetic or an ImageFolder DIR (default: %(default)s)")
+    p.add_argument("--train-images", type=int, default=d.train_images, help="synthetic train split (default: 256)")
+    p.add_argument("--test-images", type=int, default=d.test_images, help="synthetic test split (default: 64)")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="px (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="the first is warm-up (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="runs per variant; median and spread (default: 1)")
+    p.add_argument("--device", default=d.device, help="auto|cpu|cuda|cuda:N (default: auto)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=d.amp,
+                   help="fastft variant (default: auto)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+                   help="fastft variant (default: on for CUDA, off on CPU)")
+    p.add_argument("--compile-mode", choices=["default", "max-autotune", "reduce-overhead"], default=d.compile_mode)
+    p.add_argument("--loader", choices=["auto", "dali", "torch"], default=d.loader,
+                   help="fastft variant (default: auto)")
+    p.add_argument("--optimizer", choices=["sgd", "apex-sgd"], default=d.optimizer, help="fastft variant")
+    p.add_argument("--workers", type=int, default=d.workers, help="both variants (default: the engine's)")
+    p.add_argument("--json", type=Path, help="write the table as JSON (rewritten after each strategy)")
+    p.add_argument("--plot", type=Path, help="write a PNG bar chart (needs matplotlib)")
+    p.add_argument("--verbose", action="store_true", help="show the engine's own lines")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="Fine-tune ResNet-18 fast (d2l.ai 13.2).")
     sub = p.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_data_parser(sub)
     add_predict_parser(sub)
+    add_bench_parser(sub)
     return p
 
 
@@ -131,9 +159,17 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ.get('RANK')}] " if world.isdigit() and int(world) > 1 else ""
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    from fastft.bench import BenchSpec, bench_main
+
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "json", "plot", "verbose")}
+    values["strategies"] = tuple(s for s in values["strategies"].split(",") if s)
+    return bench_main(BenchSpec(**values, quiet=not args.verbose), args.json, args.plot)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    commands = {"train": run_train, "data": run_data, "predict": run_predict}
+    commands = {"train": run_train, "data": run_data, "predict": run_predict, "bench": run_bench}
     try:
         return commands[args.command](args)
     except FastftError as exc:

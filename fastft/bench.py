@@ -1,0 +1,322 @@
+"""`fastft bench`: examples/sec per freezing strategy, fastft's defaults against the d2l-style reference.
+
+    fastft bench                                   # synthetic data, random weights: minutes on 2 CPU cores
+    fastft bench --device cuda --image-size 224 --batch-size 256 --amp bf16 --repeats 3 \\
+                 --json bench.json --plot bench.png
+
+Every strategy runs twice on the same data in the same process, through the
+engine (`Trainer(cfg).setup().fit()`), each run in its own temp folder:
+  fastft     fastft's defaults: loader auto, amp auto, channels_last, compile auto, fast_frozen;
+  reference  the chapter's way: torch/PIL loader, fp32, NCHW, eager, no fast path.
+Rates are the engine's steady ones (warm-up epoch, or first step, excluded; see
+fastft.timing); compile time is reported on its own. With --repeats N the table
+shows the median and the min-max spread. Weights are random: the timing of a
+step does not depend on them, and it keeps the bench offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastft.config import TrainConfig
+from fastft.errors import ConfigError, FastftError
+
+STRATEGIES = ("finetune", "frozen", "hotdog", "scratch", "partial:2")
+REFERENCE = dict(loader="torch", amp="off", channels_last=False, compile=False, fast_frozen=False,
+                 optimizer="sgd")
+VARIANTS = ("reference", "fastft")
+METRICS = ("examples_per_sec", "examples_per_sec_compute", "compile_s", "peak_mem_mb", "recompiles")
+
+
+@dataclass
+class BenchSpec:
+    strategies: tuple[str, ...] = STRATEGIES
+    data: str = "synthetic"        # "synthetic" (generated once, cached) or an ImageFolder DIR
+    train_images: int = 256        # images in the synthetic train split
+    test_images: int = 64          # images in the synthetic test split
+    image_size: int = 64           # px, training crop side
+    batch_size: int = 32           # examples per step
+    epochs: int = 2                # epoch 1 is warm-up and is not in the rates
+    repeats: int = 1               # runs per (strategy, variant); the table shows the median
+    device: str = "auto"
+    # The fastft variant's settings; the reference always runs REFERENCE.
+    amp: str = "auto"
+    compile: bool | None = None    # None = the engine's auto (on for CUDA)
+    compile_mode: str = "default"
+    loader: str = "auto"
+    optimizer: str = "sgd"
+    workers: int = -1              # both variants: -1 = the engine's default
+    seed: int = 0
+    quiet: bool = True             # hide the engine's per-epoch lines
+
+
+def variant_settings(spec: BenchSpec, variant: str) -> dict:
+    if variant == "reference":
+        return dict(REFERENCE)
+    return dict(loader=spec.loader, amp=spec.amp, channels_last=True, compile=spec.compile,
+                compile_mode=spec.compile_mode, fast_frozen=True, optimizer=spec.optimizer)
+
+
+def make_config(spec: BenchSpec, strategy: str, variant: str, data_dir: Path, weights: str, out: Path
+                ) -> TrainConfig:
+    return TrainConfig(data=str(data_dir), strategy=strategy, weights=weights, epochs=spec.epochs,
+                       batch_size=spec.batch_size, image_size=spec.image_size, device=spec.device,
+                       workers=spec.workers, seed=spec.seed, out=str(out), **variant_settings(spec, variant))
+
+
+def random_imagenet_weights(path: Path) -> Path:
+    """A random 1000-way ResNet-18 state_dict: what `hotdog` needs to seed its head, offline."""
+    import torch
+    import torchvision
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), path)
+    return path
+
+
+def weights_for(strategy: str, imagenet_like: Path) -> str:
+    return str(imagenet_like) if strategy == "hotdog" else "none"
+
+
+@contextlib.contextmanager
+def quiet(enabled: bool = True):
+    """Swallow the engine's output (tqdm sees a non-terminal and stays off); replay it if a run crashes."""
+    if not enabled:
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    except FastftError:
+        raise  # a one-line user error says it all
+    except BaseException:
+        sys.stderr.write(buffer.getvalue()[-4000:])
+        raise
+
+
+def prepare_data(spec: BenchSpec) -> Path:
+    from fastft.data import resolve_data_dir
+    cfg = TrainConfig(data=spec.data, synth_train=spec.train_images, synth_test=spec.test_images)
+    with quiet(spec.quiet):
+        return resolve_data_dir(cfg)
+
+
+def run_once(cfg: TrainConfig, quiet_run: bool = True) -> dict:
+    """One engine run: its summary's rates and costs, and the settings that really ran."""
+    from fastft.engine import Trainer
+    with quiet(quiet_run):
+        summary = Trainer(cfg).setup().fit()
+    keys = METRICS + ("loader", "amp", "compile", "channels_last", "device", "timed", "test_acc")
+    return {key: summary.get(key) for key in keys}  # .get: older engines lack peak_mem_mb, recompiles
+
+
+# --- one step of the engine, on a fixed batch already on the device ---------------------
+def ready_step(trainer):
+    """The engine's own `train_step`, with the model in the mode `train_epoch` sets."""
+    trainer.strategy.set_train_mode(trainer.model)
+    return trainer.train_step
+
+
+def fixed_batch(trainer, seed: int = 0):
+    """A random (x, y) in the step's shape, layout and device: the data path taken out of the step."""
+    import torch
+    cfg, rt = trainer.cfg, trainer.rt
+    gen = torch.Generator().manual_seed(seed)
+    n = cfg.batch_size // rt.world_size
+    x = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=gen)
+    y = torch.randint(0, len(trainer.data.classes), (n,), generator=gen)
+    return x.to(rt.device, memory_format=rt.memory_format), y.to(rt.device)
+
+
+def seconds_per_step(step, x, y, steps: int, warmup: int = 1) -> float:
+    """Seconds per call after `warmup` calls (compile, allocator, cuDNN autotune).
+
+    CPU: the median of single steps (robust to a neighbour's burst). CUDA: the steps run back to
+    back between two syncs, as in training (a sync per step would add a launch gap), and the mean.
+    """
+    import time
+
+    import torch
+    for _ in range(warmup):
+        step(x, y)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(x, y)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step(x, y)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def spread(values: list) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def measure_row(spec: BenchSpec, strategy: str, data_dir: Path, imagenet_like: Path, work: Path) -> dict:
+    """Both variants of one strategy, repeats interleaved so slow drift hits both alike."""
+    runs = {variant: [] for variant in VARIANTS}
+    for repeat in range(spec.repeats):
+        for variant in VARIANTS:
+            out = work / f"{strategy.replace(':', '-')}-{variant}-{repeat}"
+            cfg = make_config(spec, strategy, variant, data_dir, weights_for(strategy, imagenet_like), out)
+            runs[variant].append(run_once(cfg, spec.quiet))
+    row = {"strategy": strategy}
+    for variant in VARIANTS:
+        row[variant] = {"runs": runs[variant], **{k: spread([r[k] for r in runs[variant]]) for k in METRICS}}
+    for key, label in (("examples_per_sec", "speedup_e2e"), ("examples_per_sec_compute", "speedup_compute")):
+        row[label] = row["fastft"][key]["median"] / row["reference"][key]["median"]
+    return row
+
+
+def describe_device(spec: BenchSpec) -> str:
+    import torch
+    from fastft.runtime import pick_device
+    device = pick_device(spec.device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    return f"cpu ({model}, {torch.get_num_threads()} threads)"
+
+
+def header(spec: BenchSpec, data_dir: Path) -> dict:
+    import torch
+    return {"device": describe_device(spec), "torch": torch.__version__, "image_size": spec.image_size,
+            "batch_size": spec.batch_size, "epochs": spec.epochs, "repeats": spec.repeats,
+            "data": f"{spec.data} ({data_dir})", "weights": "random (timing only; accuracy means nothing)",
+            "fastft": variant_settings(spec, "fastft"), "reference": dict(REFERENCE)}
+
+
+def run_bench(spec: BenchSpec, on_row=None) -> dict:
+    """Every strategy of `spec`; `on_row(result)` after each row (for partial JSON on a timeout)."""
+    data_dir = prepare_data(spec)
+    result = {"header": header(spec, data_dir), "rows": [], "complete": False}
+    with tempfile.TemporaryDirectory(prefix="fastft-bench-") as tmp:
+        imagenet_like = random_imagenet_weights(Path(tmp) / "random-imagenet-resnet18.pth")
+        for strategy in spec.strategies:
+            try:
+                row = measure_row(spec, strategy, data_dir, imagenet_like, Path(tmp))
+            except FastftError:
+                raise  # a setting the user can fix fails every row alike: stop at once
+            except Exception as exc:  # one strategy failing (a compile error) must not hide the rest
+                first_line = (str(exc).splitlines() or [""])[0]
+                row = {"strategy": strategy, "error": f"{type(exc).__name__}: {first_line}"}
+            result["rows"].append(row)
+            if on_row:
+                on_row(result)
+    result["complete"] = True
+    return result
+
+
+def _cell(stat: dict | None, digits: int = 1) -> str:
+    if stat is None:
+        return "n/a"
+    text = f"{stat['median']:.{digits}f}"
+    return text if stat["min"] == stat["max"] else f"{text} ({stat['min']:.{digits}f}-{stat['max']:.{digits}f})"
+
+
+COLUMNS = ("strategy", "e2e img/s", "ref e2e img/s", "speedup e2e", "compute img/s", "ref compute img/s",
+           "speedup compute", "compile s", "peak MB", "recompiles")
+
+
+def table_rows(result: dict) -> list[list[str]]:
+    rows = []
+    for row in result["rows"]:
+        if "error" in row:
+            rows.append([row["strategy"], f"failed: {row['error']}"] + [""] * (len(COLUMNS) - 2))
+            continue
+        fast, ref = row["fastft"], row["reference"]
+        rows.append([row["strategy"], _cell(fast["examples_per_sec"]), _cell(ref["examples_per_sec"]),
+                     f"{row['speedup_e2e']:.2f}x", _cell(fast["examples_per_sec_compute"]),
+                     _cell(ref["examples_per_sec_compute"]), f"{row['speedup_compute']:.2f}x",
+                     _cell(fast["compile_s"]), _cell(fast["peak_mem_mb"], 0), _cell(fast["recompiles"], 0)])
+    return rows
+
+
+def format_table(result: dict) -> str:
+    h = result["header"]
+    lines = [f"fastft bench on {h['device']}, torch {h['torch']}: {h['image_size']} px, batch {h['batch_size']}, "
+             f"{h['epochs']} epochs (rates exclude warm-up), {h['repeats']} repeat(s), median (min-max)",
+             f"data {h['data']}; weights {h['weights']}",
+             f"fastft: {_settings(h['fastft'])}; reference: {_settings(h['reference'])}", ""]
+    body = [list(COLUMNS)] + table_rows(result)
+    widths = [max(len(r[i]) for r in body) for i in range(len(COLUMNS))]
+    for i, r in enumerate(body):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+        if i == 0:
+            lines.append("| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+def _settings(settings: dict) -> str:
+    return ", ".join(f"{k} {'auto' if v is None else v}" for k, v in settings.items())
+
+
+def write_json(result: dict, path: Path) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib: pip install matplotlib (or pip install 'fastft[plot]')") from exc
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(result: dict, path: Path) -> None:
+    """Grouped bars, fastft against the reference, end-to-end and compute-only, min-max as error bars."""
+    plt = require_matplotlib()
+    rows = [r for r in result["rows"] if "error" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
+    for ax, key, title in zip(axes, ("examples_per_sec", "examples_per_sec_compute"), ("end-to-end", "compute")):
+        for offset, variant in ((-0.2, "reference"), (0.2, "fastft")):
+            stats = [r[variant][key] for r in rows]
+            medians = [s["median"] for s in stats]
+            errors = [[m - s["min"] for m, s in zip(medians, stats)], [s["max"] - m for m, s in zip(medians, stats)]]
+            ax.bar([i + offset for i in range(len(rows))], medians, 0.4, yerr=errors, label=variant, capsize=3)
+        ax.set_xticks(range(len(rows)), [r["strategy"] for r in rows])
+        ax.set_title(f"{title} examples/sec")
+        ax.legend()
+    h = result["header"]
+    fig.suptitle(f"{h['device']}: {h['image_size']} px, batch {h['batch_size']}, {h['repeats']} repeat(s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench_main(spec: BenchSpec, json_path: Path | None = None, plot_path: Path | None = None) -> int:
+    """The CLI's job: run, print the table, write JSON/PNG. Exit 1 if a strategy failed."""
+    if plot_path:
+        require_matplotlib()  # before minutes of running, not after
+    print(f"fastft bench: {len(spec.strategies)} strategies x 2 variants x {spec.repeats} repeat(s)...", flush=True)
+    save = (lambda result: write_json(result, json_path)) if json_path else None
+    result = run_bench(spec, on_row=save)
+    if save:
+        save(result)
+    if plot_path:
+        plot(result, plot_path)
+    print(format_table(result))
+    return 1 if any("error" in row for row in result["rows"]) else 0
+
