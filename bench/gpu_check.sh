@@ -78,6 +78,11 @@ try:
     print("apex yes")
 except ImportError:
     print("apex no")
+try:
+    import nvidia.dali  # noqa: F401
+    print("dali yes", nvidia.dali.__version__)
+except ImportError:
+    print("dali no")
 EOF
 then
     cat "$OUT/env.txt"; echo "gpu_check: environment not usable, stopping"; exit 3
@@ -99,6 +104,16 @@ else
     echo "optim: skipped, apex does not import (not on PyPI; see fastft/optim.py)" | tee -a "$OUT/stages.txt"
 fi
 
+# --- dali: the mixed (nvJPEG + hardware decoder) pipeline against the torch loader -----------------
+# Only where DALI imports: it is not on the lent machine and its wheels (~400 MB) exceed what one
+# call carries (64 MiB); see bench/README.md, "DALI on the lent GPU".
+if grep -q "dali yes" "$OUT/env.txt"; then
+    stage dali 60 python bench/loaders.py --data "$DATA" --device "$DEVICE" --image-size "$SIZE" \
+        --batch-size "$BATCH" --amp "$AMP" --prefetch 2,3 --epochs 2 --json "$OUT/loaders.json"
+else
+    echo "dali: skipped, nvidia.dali does not import here" | tee -a "$OUT/stages.txt"
+fi
+
 # --- ddp: the DDP wrapper's own cost, 1 process (NCCL) against no wrapper ---------------------------
 # Eager on both sides, so the comparison is the wrapper and its all-reduce, not compile time;
 # bench/README.md ("DDP scaling") turns these two figures into the expected 4-GPU rate.
@@ -118,7 +133,7 @@ def load(path):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-report = {"bench": load(out / "bench.json"), "step_vs_data": load(out / "step_vs_data.json"),
+report = {"bench": load(out / "bench.json"), "loaders": load(out / "loaders.json"), "step_vs_data": load(out / "step_vs_data.json"),
           "optimizers": load(out / "optimizers.json"),
           "ddp": {k: load(out / "ddp" / k / "summary.json") for k in ("plain", "1rank")},
           "stages": (out / "stages.txt").read_text().splitlines()}
@@ -148,6 +163,8 @@ if step:
     print(f"step ({step['strategy']}, {step['loader']} loader): device batch {step['device_tensor_step_ms']:.1f} ms, "
           f"real data {step['real_data_step_ms']:.1f} ms/step (x{step['data_overhead']:.2f}); "
           f"{step['achieved_tflops']:.1f} TFLOP/s, MFU {mfu} of {step['peak']}")
+for row in (report["loaders"] or {}).get("rows", []):
+    print(f"loader {row['loader']:5} {row['split']:5} {row['setting']:30} {row['images_per_s']:9.0f} img/s")
 if report["optimizers"]:
     print("optimizers:", json.dumps(report["optimizers"]))
 ddp = report["ddp"]
