@@ -145,3 +145,15 @@ def test_killed_rank_ends_the_job_and_resume_completes_it(ddp_data, imagenet_lik
     # The interrupted and resumed job ends where one uninterrupted process does.
     single_process_run(ddp_data, imagenet_like, tmp_path / "one", epochs=epochs)
     assert max_difference(weights_of(run), weights_of(tmp_path / "one")) < 1e-5
+
+
+def test_ranks_with_different_numbers_of_test_batches_do_not_wait_on_each_other(ddp_data, imagenet_like,
+                                                                                 tmp_path):
+    """13 test images, 2 per batch: rank 0 runs 4 test batches, rank 1 runs 3. Evaluation must
+    issue no per-batch collective (BN buffers stay unsynced under no_grad), or the job would hang."""
+    args = train_args(ddp_data, imagenet_like, tmp_path / "run", strategy="finetune", epochs=1,
+                      **{"batch-size": 4, "dist-timeout": 60})
+    rc, _, err = finish(torchrun(2, args), timeout=240)
+    assert rc == 0, err[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_examples"] == N_TEST and summary["replicas_identical"] is True
