@@ -51,7 +51,9 @@ class Trainer:
     def setup(self) -> "Trainer":
         validate(self.cfg)
         self.launch = distributed.launch_from_env()
-        distributed.start(self.launch, pick_device(self.cfg.device).type, self.cfg.dist_timeout_s)
+        # The process group's backend follows the device typed now; a resumed run may record another.
+        self.group_device = pick_device(self.cfg.device).type
+        distributed.start(self.launch, self.group_device, self.cfg.dist_timeout_s)
         # Rank 0 names the run folder (its default name holds the start time) for everyone.
         self.run_dir = distributed.from_main(choose_run_dir(self.cfg) if self.launch.rank == 0 else None)
         saved = load_checkpoint(self.run_dir) if self.cfg.resume else None
@@ -81,9 +83,10 @@ class Trainer:
         return self
 
     def _check_distributed_settings(self) -> None:
-        if self.rt.distributed and self.rt.device.type != pick_device(self.cfg.device).type:
-            raise ConfigError(f"the resumed run uses --device {self.cfg.device}; type --device again "
-                              f"to run it on this machine's {pick_device('auto').type}")
+        if self.rt.distributed and self.rt.device.type != self.group_device:
+            raise ConfigError(f"the resumed run uses --device {self.cfg.device}, but the processes joined a "
+                              f"{self.group_device} group; type --device {self.rt.device.type} or "
+                              f"--device {self.group_device} with --resume")
         if self.cfg.sync_bn and self.rt.distributed and self.rt.device.type != "cuda":
             raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); "
                               "drop --sync-bn on CPU: BN statistics are then per process")
