@@ -1,14 +1,20 @@
 """ResNet-18 and its starting weights: torchvision's ImageNet set, none, or a file.
 
-An external file is matched tensor by tensor, by name and shape, and the user
-is told what was loaded, what was skipped and what is missing, so a checkpoint
-from another trainer (DDP or compiled, with `module.`/`_orig_mod.` prefixes)
-can seed the backbone without surprises.
+An external file is read with weights_only=True (no code from it runs). Its state_dict is
+found wherever other trainers put it (top level, `state_dict`, `model`, `ema`, ... and nestings)
+and under whatever key prefix they add (`module.`, `_orig_mod.`, `model.`, `backbone.`, ...):
+each reading is scored by how many of ResNet-18's own names and shapes it matches, and the best
+one is used. The load is then matched tensor by tensor, and the user is told where the tensors
+were found, what was loaded, what was skipped and what is missing.
 """
 
 from __future__ import annotations
 
+import math
+import re
+import sys
 import urllib.error
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +25,22 @@ from torch import nn
 from fastft.errors import WeightsError
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+HEAD = "fc"
+# A ResNet-18 file from any trainer matches all 100 backbone tensors, or all but the few it
+# changed (a 3x3 CIFAR stem, a one-channel conv1). Another network matches far fewer, yet not
+# none: ResNet-50 matches 77 of 100 (its BN vectors and 3x3 convs share ResNet-18's shapes),
+# wide/ResNeXt-50 5. Below 90%, too much of the "pretrained" backbone would start at random.
+MIN_BACKBONE_SHARE = 0.9
+# Where trainers keep the state_dict, most wanted first when two readings match equally well.
+# timm prefers the EMA copy (its load_state_dict(use_ema=True)), so fastft does too.
+CONTAINER_PREFERENCE = ("", "state_dict_ema", "model_ema", "ema", "state_dict", "model",
+                        "model_state_dict", "net", "network", "module", "weights", "params")
+MAX_CONTAINER_DEPTH = 4      # {"model": {"state_dict": ...}} is depth 2
+MAX_PREFIXES_TRIED = 3       # per dict, the most common ones
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# torch names the refused global as "GLOBAL a.b.C was not an allowed global" or
+# "GLOBAL a.b whose module a is blocked".
+REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
 
 
 def build_resnet18(num_classes: int) -> nn.Module:
@@ -52,23 +74,196 @@ def strip_wrapper_prefixes(name: str) -> str:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a state_dict without running any code from the file (weights_only)."""
+    """The ResNet-18 state_dict inside a weights file, keyed by the model's own names.
+
+    See `read_weights`, which also returns a label saying where in the file it was found.
+    """
+    return read_weights(path)[0]
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Find the state_dict in a weights file without running any code from it (weights_only).
+
+    Returns {model name: CPU tensor} and a label naming the file, and, where they apply, the
+    container the tensors came from (e.g. ['state_dict']) and the key prefixes removed (e.g.
+    'model.'). Raises WeightsError (one line) for a missing or unreadable file, a pickled object
+    that weights_only refuses, no dict of tensors, or fewer than MIN_BACKBONE_SHARE of the
+    backbone's tensors matching by name and shape.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad pickle or zip
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise WeightsError(f"{path}: not a readable PyTorch weights file ({reason})") from exc
-    for key in ("model", "state_dict"):  # a fastft checkpoint, or a Lightning-style one
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(
-        isinstance(v, torch.Tensor) for v in obj.values()
-    ):
+    obj = _load_weights_only(path)
+    shapes = resnet18_shapes()
+    found = locate_state_dict(obj, shapes)
+    if found is None:
         raise WeightsError(f"{path}: not a state_dict (expected a dict of tensors, got {type(obj).__name__})")
-    return {strip_wrapper_prefixes(k): v for k, v in obj.items()}
+    _check_backbone_share(path, found, shapes)
+    state = {name: tensor for name, (_, tensor) in found.entries.items()}
+    return state, _label(path, found, shapes)
+
+
+def _load_weights_only(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle or zip
+        refused, reason = load_error_reason(exc)
+        if refused:
+            raise WeightsError(refused_global_message(path, refused)) from exc
+        raise WeightsError(f"{path}: not a readable PyTorch weights file ({reason})") from exc
+
+
+def load_error_reason(exc: BaseException) -> tuple[str | None, str]:
+    """What a torch.load(weights_only=True) failure means, as plain text.
+
+    Returns (the global weights_only refused, e.g. "torchvision.models.resnet.ResNet", or None;
+    torch's reason as one line without terminal escape codes).
+    """
+    text = ANSI_ESCAPE.sub("", str(exc))
+    refused = REFUSED_GLOBAL.search(text)
+    # torch's first line is advice to turn weights_only off; the reason follows this marker.
+    text = text.split("WeightsUnpickler error:", 1)[-1]
+    reason = ([line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__])[0]
+    return (refused.group(1) if refused else None), reason
+
+
+def refused_global_message(path: str | Path, name: str) -> str:
+    """One line for a file that names a Python global weights_only does not allow (e.g. a class).
+
+    A whole pickled model (`torch.save(model, PATH)`) names its class first, so the message says
+    so when `name` is an nn.Module subclass. Only modules already imported are looked at:
+    importing one the file names could itself run code.
+    """
+    module_name, _, attr = name.rpartition(".")
+    found = getattr(sys.modules.get(module_name), attr, None)
+    if isinstance(found, type) and issubclass(found, nn.Module):
+        what = f"a pickled model object ({name}), not a state_dict"
+    else:
+        what = f"a pickled reference to {name}, not only tensors"
+    return (f"{path}: holds {what}; fastft reads weights with torch.load(weights_only=True) so that "
+            f"no code from the file runs, and rebuilding that object would run it. Re-save the weights "
+            f"on the machine that made it: torch.save(model.state_dict(), PATH)")
+
+
+def resnet18_shapes() -> dict[str, torch.Size]:
+    """Name -> shape of every ResNet-18 state_dict entry (1000-way fc), built without memory."""
+    with torch.device("meta"):
+        return {name: t.shape for name, t in torchvision.models.resnet18().state_dict().items()}
+
+
+def backbone_names(shapes: dict[str, torch.Size]) -> list[str]:
+    """The tensors a pretrained start is about: not the head, not BN's `num_batches_tracked`
+    (a step count that torchvision's own ImageNet file leaves out). 100 for ResNet-18."""
+    return [n for n in shapes if not n.startswith(f"{HEAD}.") and not n.endswith("num_batches_tracked")]
+
+
+@dataclass
+class Found:
+    """One reading of a file: where the tensors were, and each model name's (file key, tensor)."""
+    container: tuple[str, ...]
+    entries: dict[str, tuple[str, torch.Tensor]]
+    score: int  # backbone tensors matching by name and shape
+
+
+def tensor_dicts(obj: object, path: tuple[str, ...] = (), depth: int = 0):
+    """Yield (keys leading to it, {str key: tensor}) for every dict in `obj` that holds tensors.
+
+    Non-tensor entries (Lightning's `epoch`, a `_metadata` dict, an int `num_batches_tracked`)
+    are left out rather than making the dict unusable.
+    """
+    if not isinstance(obj, dict) or depth > MAX_CONTAINER_DEPTH:
+        return
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if tensors:
+        yield path, tensors
+    for key, value in obj.items():
+        yield from tensor_dicts(value, path + (str(key),), depth + 1)
+
+
+def prefix_candidates(keys, shapes: dict[str, torch.Size]) -> list[str]:
+    """Key prefixes worth trying: the part before a suffix that is one of the model's names."""
+    counts: Counter[str] = Counter()
+    for key in keys:
+        parts = strip_wrapper_prefixes(key).split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in shapes:
+                counts[".".join(parts[:i]) + "." if i else ""] += 1
+                break
+    return [prefix for prefix, _ in counts.most_common(MAX_PREFIXES_TRIED)]
+
+
+def rename(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """{name with DDP/compile wrappers and `prefix` removed: (file key, tensor)}.
+
+    Keys outside `prefix` keep their own names (and show up as unexpected), but never
+    replace a tensor that was under it.
+    """
+    inside, outside = {}, {}
+    for key, tensor in tensors.items():
+        name = strip_wrapper_prefixes(key)
+        if name.startswith(prefix):
+            inside[strip_wrapper_prefixes(name[len(prefix):])] = (key, tensor)
+        else:
+            outside[name] = (key, tensor)
+    return {**outside, **inside}
+
+
+def locate_state_dict(obj: object, shapes: dict[str, torch.Size]) -> Found | None:
+    """The (container, prefix) reading of `obj` that matches most backbone tensors by name and shape.
+
+    Ties go to the container earlier in CONTAINER_PREFERENCE, then to the shallower one.
+    None when `obj` holds no dict of tensors.
+    """
+    backbone = backbone_names(shapes)
+    best, best_key = None, None
+    for container, tensors in tensor_dicts(obj):
+        for prefix in prefix_candidates(tensors, shapes) or [""]:
+            entries = rename(tensors, prefix)
+            score = sum(1 for n in backbone if n in entries and entries[n][1].shape == shapes[n])
+            last = container[-1] if container else ""
+            rank = CONTAINER_PREFERENCE.index(last) if last in CONTAINER_PREFERENCE else len(CONTAINER_PREFERENCE)
+            key = (score, -rank, -len(container))
+            if best_key is None or key > best_key:
+                best, best_key = Found(container, entries, score), key
+    return best
+
+
+def _where(found: Found) -> str:
+    return "".join(f"[{key!r}]" for key in found.container)
+
+
+def _label(path: Path, found: Found, shapes: dict[str, torch.Size]) -> str:
+    """`PATH (state_dict at ['state_dict'], key prefix 'model.' removed)`; plain PATH if neither."""
+    removed = sorted({key[: len(key) - len(name)] for name, (key, _) in found.entries.items()
+                      if name in shapes and key != name})
+    parts = [f"state_dict at {_where(found)}"] if found.container else []
+    if removed:
+        parts.append(f"key prefix {', '.join(map(repr, removed))} removed")
+    return f"{path} ({'; '.join(parts)})" if parts else str(path)
+
+
+def _check_backbone_share(path: Path, found: Found, shapes: dict[str, torch.Size]) -> None:
+    """Refuse a file that would leave much of the backbone at random init (never a silent start)."""
+    backbone = backbone_names(shapes)
+    needed = math.ceil(MIN_BACKBONE_SHARE * len(backbone))
+    if found.score >= needed:
+        return
+    unmatched = []
+    for name, (key, tensor) in found.entries.items():
+        if name.startswith(f"{HEAD}.") or (name in shapes and tensor.shape == shapes[name]):
+            continue  # the head's shape depends on the class count, so it proves nothing here
+        own = f" vs {_dims(shapes[name])}" if name in shapes else ", not in ResNet-18"
+        unmatched.append(f"{key} ({_dims(tensor.shape)}{own})")
+    unmatched = unmatched or [f"{key} (the head)" for key, _ in found.entries.values()]
+    where = f" in {_where(found)}" if found.container else ""
+    raise WeightsError(
+        f"{path}: only {found.score} of ResNet-18's {len(backbone)} backbone tensors match by name and "
+        f"shape{where} (at least {needed} needed, else most of the network would start at random); "
+        f"unmatched keys: {', '.join(unmatched[:4])}{', ...' if len(unmatched) > 4 else ''}")
+
+
+def _dims(shape: torch.Size) -> str:
+    return "x".join(map(str, shape)) or "scalar"
 
 
 @dataclass
@@ -83,8 +278,13 @@ class LoadReport:
         out = [f"weights {self.source}: loaded {len(self.loaded)} tensors"]
         if self.mismatched:
             out.append(f"  skipped for a shape mismatch: {', '.join(self.mismatched)}")
-        if self.missing:
-            out.append(f"  missing from the file (kept at init): {', '.join(self.missing)}")
+        # BN step counters carry nothing learnt and older files (torchvision's own) omit them.
+        counters = [name for name in self.missing if name.endswith("num_batches_tracked")]
+        missing = [name for name in self.missing if name not in counters]
+        if counters:
+            missing.append(f"{len(counters)} BatchNorm num_batches_tracked counters")
+        if missing:
+            out.append(f"  missing from the file (kept at init): {', '.join(missing)}")
         if self.unexpected:
             out.append(f"  in the file but not in the model: {len(self.unexpected)} tensors")
         return out
@@ -119,4 +319,4 @@ def source_weights(spec: str) -> tuple[dict[str, torch.Tensor] | None, str]:
         return None, "none"
     if spec == "imagenet":
         return imagenet_state_dict(), "imagenet"
-    return read_state_dict(spec), spec
+    return read_weights(spec)
