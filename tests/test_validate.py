@@ -235,13 +235,64 @@ def test_empty_class_folder(dataset: Path) -> None:
     assert scan_error(dataset).startswith(f"{dataset}/train/zebra: no images")
 
 
-def test_class_names_differ(dataset: Path) -> None:
+def test_test_class_unknown_to_train_is_named(dataset: Path) -> None:
     (dataset / "test" / "not-hotdog").rename(dataset / "test" / "nothotdog")
-    message = scan_error(dataset)
-    assert message == (
-        f"{dataset}: train classes ['hotdog', 'not-hotdog'] differ from "
-        f"test classes ['hotdog', 'nothotdog']"
+    assert scan_error(dataset) == (
+        f"{dataset}/test/nothotdog: test class 'nothotdog' has no folder in {dataset}/train, "
+        f"so the model could never predict it (train classes: hotdog, not-hotdog)"
     )
+
+
+def three_class_dataset(root: Path, test_classes: tuple[str, ...] = ("a", "c")) -> Path:
+    """train/{a,b,c} x 2 JPEGs; test has 2 JPEGs in each of `test_classes`."""
+    for split, names in (("train", ("a", "b", "c")), ("test", test_classes)):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                (root / split / name / f"{i}.jpg").write_bytes(_jpeg_bytes())
+    return root
+
+
+def test_test_split_without_a_train_class_keeps_train_labels(tmp_path: Path) -> None:
+    root = three_class_dataset(tmp_path / "d")
+    layout = scan_dataset(root)
+    assert layout.classes == ("a", "b", "c")
+    assert [(p.parent.name, label) for p, label in layout.files["test"]] == [("a", 0)] * 2 + [("c", 2)] * 2
+    assert [label for _, label in layout.files["train"]] == [0, 0, 1, 1, 2, 2]
+    assert layout.missing_in_test == ("b",)
+    assert layout.warnings == (f"{root}/test: no folder for train class b; "
+                               f"test metrics cover the other classes only",)
+    assert layout.counts("test") == {"a": 2, "b": 0, "c": 2}
+
+
+def test_empty_test_class_folder_is_a_warning(tmp_path: Path) -> None:
+    root = three_class_dataset(tmp_path / "d")
+    (root / "test" / "b").mkdir()
+    (root / "test" / "b" / ".DS_Store").write_bytes(b"\x00")
+    layout = scan_dataset(root)
+    assert [label for _, label in layout.files["test"]] == [0, 0, 2, 2]
+    assert layout.missing_in_test == ("b",)
+    assert layout.warnings == (f"{root}/test/b: empty class folder; the test split has no 'b' images",)
+    assert layout.ignored == (root / "test" / "b" / ".DS_Store",)
+
+
+def test_test_split_with_no_image_at_all_fails(tmp_path: Path) -> None:
+    root = three_class_dataset(tmp_path / "d", test_classes=())
+    (root / "test" / "a").mkdir(parents=True)
+    assert scan_error(root).startswith(f"{root}/test: no images in any class folder (expected ")
+
+
+def test_skip_bad_emptying_a_class(tmp_path: Path) -> None:
+    root = three_class_dataset(tmp_path / "d", test_classes=("a", "b", "c"))
+    for i in range(2):
+        truncate(root / "test" / "c" / f"{i}.jpg")
+    layout = scan_dataset(root, skip_bad=True)
+    assert layout.missing_in_test == ("c",) and len(layout.dropped) == 2
+    assert layout.warnings == (f"{root}/test/c: no images left after skipping 2 bad files; "
+                               f"the test split has no 'c' images",)
+    for i in range(2):
+        truncate(root / "train" / "b" / f"{i}.jpg")
+    assert scan_error(root, skip_bad=True) == f"{root}/train/b: no images left after skipping 4 bad files"
 
 
 # --- the check command -------------------------------------------------------
@@ -253,7 +304,40 @@ def test_check_report_good(dataset: Path) -> None:
         f"{dataset}: 2 classes (hotdog, not-hotdog)",
         "train: 6 images (hotdog 3, not-hotdog 3)",
         "test: 6 images (hotdog 3, not-hotdog 3)",
+        "unusual 2 images (CMYK, converted to RGB): train/hotdog/2.jpg, test/hotdog/2.jpg",
         "ok: all 12 images decode",
+    ]
+
+
+def test_check_report_lists_gaps_ignored_entries_and_conversions(tmp_path: Path) -> None:
+    root = three_class_dataset(tmp_path / "d")
+    (root / "test" / "b").mkdir()
+    (root / "train" / "a" / ".DS_Store").write_bytes(b"\x00")
+    (root / "train" / "a" / "notes.txt").write_text("x")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    (root / "test" / "a" / ".cache").mkdir()
+    (root / "test" / "a" / ".cache" / "3.jpg").write_bytes(_jpeg_bytes())
+    Image.new("I;16", (4, 4), 1000).save(root / "train" / "c" / "deep.png")
+    palette = Image.new("P", (4, 4), 1)
+    palette.save(root / "test" / "c" / "logo.png", transparency=1)
+    rotated = Image.new("RGB", (4, 2))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(root / "train" / "b" / "turned.jpg", exif=exif)
+    lines, ok = check_report(root)
+    assert ok
+    assert lines == [
+        f"{root}: 3 classes (a, b, c)",
+        "train: 8 images (a 2, b 3, c 3)",
+        "test: 5 images (a 2, b 0, c 3)",
+        f"warning: {root}/test/b: empty class folder; the test split has no 'b' images",
+        "ignored 4 entries (hidden, or not .jpg/.jpeg/.png/.ppm/.bmp/.pgm/.tif/.tiff/.webp): "
+        "train/.ipynb_checkpoints, train/a/.DS_Store, train/a/notes.txt, test/a/.cache",
+        "unusual 1 image (EXIF orientation 6 ignored: read as stored, as ImageFolder does): "
+        "train/b/turned.jpg",
+        "unusual 1 image (16-bit grayscale, scaled by 255/65535): train/c/deep.png",
+        "unusual 1 image (palette with transparency, transparency ignored): test/c/logo.png",
+        "ok: all 13 images decode",
     ]
 
 

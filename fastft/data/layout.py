@@ -5,6 +5,11 @@ bad image only when a worker reaches it mid-epoch.  Scanning up front lets us
 name the exact folder or file that is wrong, in one line, before the user has
 waited for a model download or a first epoch.  The sample order matches
 ImageFolder's so labels mean the same thing whichever one a caller uses.
+
+Classes come from the train split; test labels index the same list by name, so
+a test split may lack a class (a warning) but not add one (an error: the head
+could never predict it). An empty class folder is an error in train (a class
+the head never sees) and a warning in test.
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from fastft.data.images import IMAGE_EXTENSIONS, decode_problem, quick_problem
+from fastft.config import default_cache_dir
+from fastft.data.images import IMAGE_EXTENSIONS, decode_problem, image_note, needs_dali_copy, quick_problem
+from fastft.data.images import rgb_copy
 from fastft.data.images import shown_path as _shown
 from fastft.errors import DataError
 
@@ -32,10 +39,15 @@ _MAX_DECODE_THREADS = 8
 @dataclass(frozen=True)
 class DatasetLayout:
     root: Path
-    classes: tuple[str, ...]
+    classes: tuple[str, ...]  # the train split's class folders, sorted; labels index it in every split
     files: dict[str, tuple[tuple[Path, int], ...]]
     # (path, reason) of each bad file that scan_dataset(skip_bad=True) left out.
     dropped: tuple[tuple[Path, str], ...] = ()
+    missing_in_test: tuple[str, ...] = ()  # train classes without a test image
+    warnings: tuple[str, ...] = ()         # one-line notes for the run's log (missing classes, empty folders)
+    ignored: tuple[Path, ...] = ()         # hidden entries and non-image files the scan passed over
+    # Files DALI's decoder reads unlike load_rgb (images.needs_dali_copy): DALI gets RGB PNG copies.
+    dali_copies: frozenset[Path] = frozenset()
 
     def counts(self, split: str) -> dict[str, int]:
         """Number of files per class in `split`, in class order."""
@@ -43,6 +55,16 @@ class DatasetLayout:
         for _, label in self.files[split]:
             counts[self.classes[label]] += 1
         return counts
+
+    def dali_files(self, split: str, cache_dir: Path | None = None) -> tuple[tuple[Path, int], ...]:
+        """files[split] with each of `dali_copies` replaced by its RGB PNG copy under
+        cache_dir/converted (default: fastft's cache folder), made on first use.
+        Raises DataError, naming the original, for a file load_rgb cannot map."""
+        if not self.dali_copies:
+            return self.files[split]
+        cache_dir = cache_dir or default_cache_dir()
+        return tuple((rgb_copy(path, cache_dir) if path in self.dali_copies else path, label)
+                     for path, label in self.files[split])
 
 
 def _plural(n: int, word: str, words: str = "") -> str:
@@ -69,18 +91,21 @@ def _check_dir(path: Path, missing: str) -> None:
         raise DataError(f"{_shown(path)}: not a folder ({missing})")
 
 
-def _class_names(split_dir: Path) -> list[str]:
-    """Class folder names, sorted as ImageFolder's find_classes sorts them."""
+def _class_names(split_dir: Path, ignored: list[Path]) -> list[str]:
+    """Class folder names, sorted as ImageFolder's find_classes sorts them;
+    other entries of `split_dir` are added to `ignored`."""
     # Unlike ImageFolder we skip hidden folders: a stray .ipynb_checkpoints
     # would otherwise become a class and shift every label after it.
     try:
         with os.scandir(split_dir) as entries:
-            names = sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
-            if names:
-                return names
-        stray = [n for n in os.listdir(split_dir) if _is_image_name(n)]
+            found = [(e.name, e.is_dir() and not _is_hidden(e.name)) for e in entries]
     except OSError as err:
         raise _unreadable(err) from err
+    names = sorted(name for name, is_class in found if is_class)
+    if names:
+        ignored.extend(split_dir / name for name, is_class in sorted(found) if not is_class)
+        return names
+    stray = [name for name, _ in found if _is_image_name(name)]
     hint = f"; found {_plural(len(stray), 'image')} directly inside it" if stray else ""
     raise DataError(
         f"{_shown(split_dir)}: no class folders "
@@ -88,63 +113,82 @@ def _class_names(split_dir: Path) -> list[str]:
     )
 
 
-def _class_files(class_dir: str) -> list[Path]:
-    """Image files under `class_dir`, in the order ImageFolder's make_dataset uses."""
+def _class_files(class_dir: str, ignored: list[Path]) -> list[Path]:
+    """Image files under `class_dir`, in the order ImageFolder's make_dataset uses;
+    hidden folders and files that are not images are added to `ignored`."""
     def fail(err: OSError) -> None:
         raise _unreadable(err)
 
     found: list[tuple[str, list[str]]] = []
     for dirpath, dirnames, filenames in os.walk(class_dir, onerror=fail, followlinks=True):
         # Pruning in place keeps the walk out of .git, .ipynb_checkpoints etc.
+        ignored.extend(Path(dirpath, d) for d in sorted(dirnames) if _is_hidden(d))
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
         found.append((dirpath, filenames))
     found.sort()
-    return [
-        Path(os.path.join(dirpath, name))
-        for dirpath, filenames in found
-        for name in sorted(filenames)
-        if _is_image_name(name)
-    ]
+    files = []
+    for dirpath, filenames in found:
+        for name in sorted(filenames):
+            # Built with os.path.join so paths are the same strings ImageFolder makes.
+            (files if _is_image_name(name) else ignored).append(Path(os.path.join(dirpath, name)))
+    return files
 
 
-def _scan_split(split_dir: Path) -> tuple[list[str], list[list[Path]]]:
-    names = _class_names(split_dir)
-    per_class = []
-    for name in names:
-        # Built with os.path.join so paths are the same strings ImageFolder makes.
-        class_dir = os.path.join(split_dir, name)
-        files = _class_files(class_dir)
-        if not files:
-            raise DataError(f"{_shown(class_dir)}: no images "
-                            f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
-        per_class.append(files)
-    return names, per_class
+def _scan_split(split_dir: Path, ignored: list[Path]) -> dict[str, list[Path]]:
+    """Image files per class folder of one split, in class order; a list may be empty."""
+    return {name: _class_files(os.path.join(split_dir, name), ignored)
+            for name in _class_names(split_dir, ignored)}
+
+
+def _no_images(folder: Path, why: str = "") -> DataError:
+    return DataError(f"{_shown(folder)}: no images{why} "
+                     f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def _test_gaps(root: Path, classes: tuple[str, ...],
+               test: dict[str, list[Path]]) -> tuple[list[str], list[str]]:
+    """Train classes without a test image, and a warning line for each gap."""
+    missing = [name for name in classes if not test.get(name)]
+    lines = [f"{_shown(root / 'test' / name)}: empty class folder; the test split has no {name!r} images"
+             for name in missing if name in test]
+    absent = [name for name in missing if name not in test]
+    if absent:
+        kind = "class" if len(absent) == 1 else "classes"
+        lines.append(f"{_shown(root / 'test')}: no folder for train {kind} {', '.join(absent)}; "
+                     f"test metrics cover the other classes only")
+    return missing, lines
 
 
 def _scan_structure(root: Path) -> DatasetLayout:
     """The layout under `root`, or a DataError for the first structural problem."""
     _check_dir(root, "dataset folder not found")
     expected = f"expected {_shown(root / SPLITS[0])} and {_shown(root / SPLITS[1])}"
-    scanned = {}
+    scanned, ignored = {}, []
     for split in SPLITS:
         _check_dir(root / split, f"missing split folder ({expected})")
-        scanned[split] = _scan_split(root / split)
-    first, *others = SPLITS
-    for other in others:
-        if scanned[other][0] != scanned[first][0]:
-            raise DataError(
-                f"{_shown(root)}: {first} classes {scanned[first][0]} differ from "
-                f"{other} classes {scanned[other][0]}"
-            )
-    files = {
-        split: tuple((path, label) for label, paths in enumerate(per_class) for path in paths)
-        for split, (_, per_class) in scanned.items()
-    }
-    return DatasetLayout(root=root, classes=tuple(scanned[first][0]), files=files)
+        scanned[split] = _scan_split(root / split, ignored)
+    train, test = scanned["train"], scanned["test"]
+    for name, paths in train.items():
+        if not paths:  # the head would have a class it never trains on
+            raise _no_images(root / "train" / name)
+    classes = tuple(train)
+    extra = [name for name in test if name not in train]
+    if extra:
+        raise DataError(f"{_shown(root / 'test' / extra[0])}: test class {extra[0]!r} has no folder in "
+                        f"{_shown(root / 'train')}, so the model could never predict it "
+                        f"(train classes: {', '.join(classes)})")
+    if not any(test.values()):
+        raise _no_images(root / "test", " in any class folder")
+    missing, lines = _test_gaps(root, classes, test)
+    # Labels index the train classes by name, so a class keeps its label when test lacks another.
+    label = {name: i for i, name in enumerate(classes)}
+    files = {split: tuple((path, label[name]) for name, paths in per_class.items() for path in paths)
+             for split, per_class in scanned.items()}
+    return DatasetLayout(root=root, classes=classes, files=files, missing_in_test=tuple(missing),
+                         warnings=tuple(lines), ignored=tuple(ignored))
 
 
-def _checked(check: Callable[[Path], str | None], paths: list[Path],
-             threads: int) -> Iterator[str | None]:
+def _checked(check: Callable[[Path], object], paths: list[Path], threads: int) -> Iterator:
     if threads <= 1:
         yield from map(check, paths)
         return
@@ -156,18 +200,24 @@ def _checked(check: Callable[[Path], str | None], paths: list[Path],
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _each_file(check: Callable[[Path], object], paths: list[Path], decoding: bool, progress: bool) -> list:
+    """check(path) for every path, in order; decoding checks run on a few threads."""
+    threads = min(_MAX_DECODE_THREADS, os.cpu_count() or 1, len(paths)) if decoding else 1
+    return list(tqdm(_checked(check, paths, max(threads, 1)), total=len(paths), unit="img", leave=False,
+                     desc="decoding images" if decoding else "checking images",
+                     disable=None if progress else True))
+
+
+def _all_paths(layout: DatasetLayout) -> list[Path]:
+    return [path for split in SPLITS for path, _ in layout.files[split]]
+
+
 def find_bad_files(layout: DatasetLayout, full_decode: bool,
                    progress: bool) -> list[tuple[Path, str]]:
     """(path, reason) for every file that fails the quick check or, if
     `full_decode`, a full decode; in dataset order."""
-    paths = [path for split in SPLITS for path, _ in layout.files[split]]
-    check = decode_problem if full_decode else quick_problem
-    threads = min(_MAX_DECODE_THREADS, os.cpu_count() or 1, len(paths)) if full_decode else 1
-    results: Iterable[str | None] = tqdm(
-        _checked(check, paths, threads), total=len(paths), unit="img", leave=False,
-        desc="decoding images" if full_decode else "checking images",
-        disable=None if progress else True,
-    )
+    paths = _all_paths(layout)
+    results = _each_file(decode_problem if full_decode else quick_problem, paths, full_decode, progress)
     return [(path, reason) for path, reason in zip(paths, results) if reason is not None]
 
 
@@ -182,14 +232,22 @@ def _bad_files_error(root: Path, bad: list[tuple[Path, str]]) -> DataError:
 
 
 def _without(layout: DatasetLayout, bad: list[tuple[Path, str]]) -> DatasetLayout:
-    """`layout` less the `bad` files, which it records in `dropped`."""
+    """`layout` less the `bad` files, which it records in `dropped`; a train class
+    left without images is an error, a test class left without images a warning."""
     gone = {path for path, _ in bad}
     files = {split: tuple(s for s in samples if s[0] not in gone) for split, samples in layout.files.items()}
-    for split, samples in files.items():
-        if not samples:
-            raise DataError(f"{_shown(layout.root / split)}: no images left after skipping "
-                            f"{_plural(len(bad), 'bad file')}")
-    return dataclasses.replace(layout, files=files, dropped=tuple(bad))
+    left = f"no images left after skipping {_plural(len(bad), 'bad file')}"
+    labels = {split: {label for _, label in samples} for split, samples in files.items()}
+    for i, name in enumerate(layout.classes):
+        if i not in labels["train"]:
+            raise DataError(f"{_shown(layout.root / 'train' / name)}: {left}")
+    if not files["test"]:
+        raise DataError(f"{_shown(layout.root / 'test')}: {left}")
+    missing = tuple(name for i, name in enumerate(layout.classes) if i not in labels["test"])
+    lines = [f"{_shown(layout.root / 'test' / name)}: {left}; the test split has no {name!r} images"
+             for name in missing if name not in layout.missing_in_test]
+    return dataclasses.replace(layout, files=files, dropped=tuple(bad), missing_in_test=missing,
+                               warnings=layout.warnings + tuple(lines))
 
 
 def scan_dataset(root: Path, full_decode: bool = False, progress: bool = False,
@@ -198,33 +256,64 @@ def scan_dataset(root: Path, full_decode: bool = False, progress: bool = False,
 
     Raises a one-line DataError naming the first wrong folder or bad file; with
     `skip_bad`, bad files are left out instead and listed in `layout.dropped`.
+    Files DALI would decode unlike load_rgb are listed in `layout.dali_copies`.
     Only reads the dataset; never writes into it.
     """
     layout = _scan_structure(Path(root).expanduser())
     bad = find_bad_files(layout, full_decode=full_decode, progress=progress)
-    if bad and skip_bad:
-        return _without(layout, bad)
-    if bad:
+    if bad and not skip_bad:
         raise _bad_files_error(layout.root, bad)
-    return layout
+    if bad:
+        layout = _without(layout, bad)
+    # Reads headers of non-JPEG/PNG files only, which are rare in photo folders.
+    copies = frozenset(path for path in _all_paths(layout) if needs_dali_copy(path))
+    return dataclasses.replace(layout, dali_copies=copies)
+
+
+def _inspect(path: Path) -> tuple[str | None, str | None]:
+    """(why `path` is bad, how load_rgb converts it): at most one is not None."""
+    problem = decode_problem(path)
+    return problem, (image_note(path) if problem is None else None)
+
+
+def _listed(root: Path, paths: list[Path], limit: int = 5) -> str:
+    """The first `limit` paths, relative to `root`, and how many more."""
+    shown = ", ".join(_shown(os.path.relpath(p, root)) for p in paths[:limit])
+    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _conversion_lines(root: Path, notes: list[tuple[Path, str]]) -> list[str]:
+    """One line per kind of unusual image (how load_rgb converts it), with how many and which."""
+    kinds: dict[str, list[Path]] = {}
+    for path, note in notes:
+        kinds.setdefault(note, []).append(path)
+    return [f"unusual {_plural(len(paths), 'image')} ({note}): {_listed(root, paths)}"
+            for note, paths in kinds.items()]
 
 
 def check_report(root: Path) -> tuple[list[str], bool]:
     """Lines for `fastft data check DIR` after decoding every file, and whether
-    all decode.  Structural problems still raise DataError."""
+    all decode: images per class and split, classes a split lacks, entries the
+    scan ignored, images load_rgb converts (16-bit, CMYK, alpha, EXIF-rotated...),
+    and every bad file.  Structural problems still raise DataError."""
     layout = _scan_structure(Path(root).expanduser())
-    bad = find_bad_files(layout, full_decode=True, progress=True)
+    paths = _all_paths(layout)
+    results = _each_file(_inspect, paths, decoding=True, progress=True)
+    bad = [(path, problem) for path, (problem, _) in zip(paths, results) if problem is not None]
     classes = _plural(len(layout.classes), "class", "classes")
     lines = [f"{_shown(layout.root)}: {classes} ({', '.join(layout.classes)})"]
-    total = 0
     for split in SPLITS:
         counts = layout.counts(split)
-        total += sum(counts.values())
         per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
         lines.append(f"{split}: {_plural(sum(counts.values()), 'image')} ({per_class})")
+    lines.extend(f"warning: {line}" for line in layout.warnings)
+    if layout.ignored:
+        lines.append(f"ignored {_plural(len(layout.ignored), 'entry', 'entries')} (hidden, or not "
+                     f"{'/'.join(IMAGE_EXTENSIONS)}): {_listed(layout.root, list(layout.ignored))}")
+    lines.extend(_conversion_lines(layout.root, [(p, n) for p, (_, n) in zip(paths, results) if n]))
     lines.extend(f"BAD {_shown(path)}: {reason}" for path, reason in bad)
     if bad:
-        lines.append(f"{_plural(len(bad), 'bad file')} out of {total} images")
+        lines.append(f"{_plural(len(bad), 'bad file')} out of {len(paths)} images")
     else:
-        lines.append(f"ok: all {total} images decode")
+        lines.append(f"ok: all {len(paths)} images decode")
     return lines, not bad
