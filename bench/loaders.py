@@ -9,6 +9,10 @@ torch loader's batches are moved there as the engine moves them). No model
 runs. Each configuration makes --epochs passes over a split; the first pass
 (pipeline build, worker start-up, decoder cache fill) is a warm-up and is not
 counted, the rest are reported as mean and min-max images/s.
+
+Runs from the repository root without installing fastft. All DALI loaders of
+one run share one decoder-cache plan: DALI keeps one cache per device and
+process and refuses a second pipeline asking for other cache arguments.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# `python bench/loaders.py` puts bench/ on sys.path, not the repository root: add it, so
+# fastft imports without being installed or PYTHONPATH being set.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fastft.config import default_cache_dir
-from fastft.data.layout import scan_dataset
-from fastft.data.torch_loader import TorchLoaders
-from fastft.runtime import Runtime, pick_amp, pick_device
+import torch  # noqa: E402
+
+from fastft.config import default_cache_dir  # noqa: E402
+from fastft.data.layout import scan_dataset  # noqa: E402
+from fastft.data.torch_loader import TorchLoaders  # noqa: E402
+from fastft.runtime import Runtime, pick_amp, pick_device  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--synth-test", type=int, default=512, help="images, for --data synthetic")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="DALI threads and torch DataLoader workers (default: all cores)")
+    p.add_argument("--threads", type=int, default=default_threads(),
+                   help="DALI threads and torch DataLoader workers (default: the cores, divided by "
+                        "LOCAL_WORLD_SIZE where set)")
     p.add_argument("--prefetch", default="2", help="DALI prefetch depths to sweep, e.g. 2,3,4")
     p.add_argument("--hw-decoder-load", default="0.65", help="GPU only: values to sweep, e.g. 0.5,0.65,0.8")
     p.add_argument("--decode-cache", default="auto", choices=["auto", "on", "off"])
@@ -49,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.epochs < 2:
         p.error("--epochs must be at least 2: the first pass is a warm-up")
     return args
+
+
+def default_threads() -> int:
+    """Usable cores split over the processes on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def data_dir(args) -> Path:
@@ -71,7 +86,9 @@ def rates(batches_for_pass, passes: int, rt: Runtime) -> list[float]:
         images, start = 0, time.perf_counter()
         for x, y in batches_for_pass(p):
             x = x.to(rt.device, non_blocking=True, memory_format=rt.memory_format)
-            touched += x.reshape(-1)[0]  # read every batch without a per-batch sync
+            # Read one element of every batch, so its copy has to finish, without a per-batch sync;
+            # indexing is a view (reshape(-1) would copy a whole channels_last batch).
+            touched += x[0, 0, 0, 0]
             images += y.shape[0]
         touched.item()
         sync(rt.device)
@@ -94,14 +111,18 @@ def torch_rows(layout, args, rt: Runtime) -> list[dict]:
 
 
 def dali_rows(layout, args, rt: Runtime) -> tuple[list[dict], list[str]]:
+    from fastft.data.dali_cache import plan_cache
     from fastft.data.dali_loader import DaliLoaders, DaliOptions
     rows, notes = [], []
+    # One plan for every loader here: a later plan, made with less free memory, could differ.
+    cache = plan_cache(args.decode_cache, rt.device, [p for p, _ in layout.files["train"]],
+                       [p for p, _ in layout.files["test"]])
     hw_loads = [float(v) for v in args.hw_decoder_load.split(",")] if rt.device.type == "cuda" else [0.65]
     for prefetch in (int(v) for v in args.prefetch.split(",")):
         for hw in hw_loads:
             options = DaliOptions(threads=args.threads, prefetch=prefetch, hw_decoder_load=hw)
             loaders = DaliLoaders(layout, args.image_size, args.batch_size, rt, seed=0,
-                                  decode_cache=args.decode_cache, options=options)
+                                  options=options, cache=cache)
             notes = loaders.describe()[1:]  # the first line restates the setting column
             setting = f"{args.threads} threads, prefetch {prefetch}" + \
                 (f", hw load {hw}" if rt.device.type == "cuda" else "")

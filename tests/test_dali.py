@@ -17,7 +17,7 @@ pytest.importorskip("nvidia.dali")
 
 from fastft.data import build_loaders  # noqa: E402
 from fastft.data.dali_cache import plan_cache  # noqa: E402
-from fastft.data.dali_loader import DaliLoaders  # noqa: E402
+from fastft.data.dali_loader import DaliLoaders, _as_data_error  # noqa: E402
 from fastft.data.images import load_rgb  # noqa: E402
 from fastft.data.layout import scan_dataset  # noqa: E402
 from fastft.data.synth import write_synthetic  # noqa: E402
@@ -163,8 +163,10 @@ def test_train_shards_take_the_same_fixed_shape_steps(odd_data):
         steps.add(len(batches))
         assert len(batches) == loaders.steps_per_epoch() and all(len(y) == 2 for _, y in batches)
     assert steps == {1}
-    with pytest.raises(ConfigError, match="less than one batch"):
-        dali(odd_data, batch=4, rt=runtime(world=4))  # 3 images per process
+    # 3 images per process, less than a batch of 4: one step of the whole shard, every rank.
+    for rank in range(4):
+        batches = epoch(dali(odd_data, batch=4, rt=runtime(rank=rank, world=4)).train_batches(0))
+        assert [len(y) for _, y in batches] == [3]
 
 
 # --- 5. corrupt files -----------------------------------------------------------------------
@@ -230,18 +232,56 @@ def test_batches_kept_past_a_step_stay_intact(tiny_data):
 def test_decode_cache_plan(tiny_data):
     files = [path for path, _ in scan_dataset(tiny_data).files["train"]]
     cpu, gpu = torch.device("cpu"), torch.device("cuda")  # a device object; CUDA is never touched
-    assert plan_cache("on", cpu, files, files).train_mb == 0
+    assert plan_cache("on", cpu, files, files).mb == 0
     assert "CPU decoder has no cache" in plan_cache("auto", cpu, files, files).reason
-    assert plan_cache("off", gpu, files, files, free_mb=1e6).train_mb == 0
-    assert plan_cache("auto", gpu, files, files, free_mb=0.1).train_mb == 0
+    assert plan_cache("off", gpu, files, files, free_mb=1e6).decoder_args() == {}
+    assert plan_cache("auto", gpu, files, files, free_mb=0.1).mb == 0
     fits = plan_cache("auto", gpu, files, files, free_mb=1e6)
-    assert fits.train_mb > 0 and fits.test_mb > 0 and fits.reason.startswith("on")
-    assert "capped" in plan_cache("on", gpu, files, files, free_mb=0.1).reason
+    assert fits.mb > 0 and fits.reason.startswith("on")
+    # auto: the size depends on the files alone, so loaders planned later in a process agree.
+    assert plan_cache("auto", gpu, files, files, free_mb=1e5) == plan_cache("auto", gpu, files, files, free_mb=1e6)
+    capped = plan_cache("on", gpu, files, files, free_mb=0.1)
+    assert "capped" in capped.reason and capped.mb == 1  # half of 0.1 MB, rounded up
+
+
+def test_train_and_test_decoders_get_identical_cache_arguments(tiny_data):
+    """DALI keeps one decoder cache per device and process and refuses a second pipeline that asks
+    for other cache arguments, so the train and test decoders must ask for the same one."""
+    layout = scan_dataset(tiny_data)
+    gpu = torch.device("cuda", 0)  # only named: building the arguments touches no CUDA
+    plan = plan_cache("auto", gpu, [p for p, _ in layout.files["train"]], [p for p, _ in layout.files["test"]],
+                      free_mb=1e6)
+    rt = Runtime(device=gpu, amp_dtype=torch.bfloat16, compile=False, channels_last=True, workers=1)
+    loaders = DaliLoaders(layout, 32, 8, rt, seed=0, cache=plan)
+    train, test = loaders._common("train")["decoder"], loaders._common("test")["decoder"]
+    assert train == test and train["device"] == "mixed"
+    assert train["cache_size"] == plan.mb > 0 and train["cache_type"] == "threshold"
+
+
+CACHE_ERROR = """Critical error in pipeline:
+Error in MIXED operator `nvidia.dali.fn.decoders.image`,
+which was used in the pipeline definition with the following traceback:
+encountered:
+
+Assert on "instance.params == params" failed: Cache for device 0 was already initialized with other parameters"""
+
+
+def test_only_decode_failures_become_file_errors(tiny_data):
+    paths = [str(p) for p, _ in scan_dataset(tiny_data).files["test"]]
+    assert _as_data_error(RuntimeError(CACHE_ERROR), paths) is None  # re-raised as DALI wrote it
+    assert _as_data_error(RuntimeError("CUDA error: out of memory"), paths) is None
+    named = _as_data_error(RuntimeError(CACHE_ERROR.split("Assert")[0] +
+                                        "Failed to decode sample #3 : /path/x.jpg"), paths)
+    assert isinstance(named, DataError) and str(named) == "/path/x.jpg: cannot decode image (DALI decoder failed)"
+    unnamed = _as_data_error(RuntimeError(CACHE_ERROR.split("Assert")[0] + "nvImageCodec failure: '#3'"),
+                             paths)  # every file decodes with PIL: DALI alone cannot
+    assert isinstance(unnamed, DataError) and "PIL decodes" in str(unnamed)
 
 
 def test_build_loaders_picks_dali_when_it_imports(make_cfg, tiny_data):
     layout = scan_dataset(tiny_data)
-    assert build_loaders(make_cfg(loader="auto"), layout, runtime()).name == "dali"
+    # auto prefers the cached loader where the decoded set fits; a 1 KB budget leaves DALI.
+    assert build_loaders(make_cfg(loader="auto", cache_gb=1e-6), layout, runtime()).name == "dali"
     assert build_loaders(make_cfg(loader="torch"), layout, runtime()).name == "torch"
     with pytest.raises(ConfigError, match="does not divide"):
         build_loaders(make_cfg(loader="dali", batch_size=9), layout, runtime(world=2))

@@ -2,8 +2,18 @@
 
 A small dataset fits in GPU memory once decoded; with the cache on, epochs
 after the first copy decoded images instead of decoding JPEGs again. The CPU
-decoder has no such cache. The sizes come from file sizes and a sampled
-decoded/encoded ratio, and are checked against the free GPU memory.
+decoder has no such cache. The size comes from file sizes and a sampled
+decoded/encoded ratio, and is checked against the free GPU memory.
+
+One cache per process: DALI keeps a single decoder cache per device and process
+(ImageCacheFactory), shared by every pipeline alive in it, and refuses a decoder
+whose cache arguments differ from the first one's ("Cache for device N was
+already initialized with other parameters"). So a plan holds ONE size, for the
+train split plus this process's test shard, and every decoder gets the same
+arguments (`decoder_args`). Caching in both pipelines rather than train only:
+the cache is keyed by file name, so test images share it, and the per-epoch
+evaluation then skips its JPEG decodes too. Several loaders in one process
+(bench/loaders.py) plan once and pass the same plan to each.
 """
 
 from __future__ import annotations
@@ -22,9 +32,14 @@ _MB = 2 ** 20
 
 @dataclass(frozen=True)
 class CachePlan:
-    train_mb: int  # DALI cache_size of each decoder, MB; 0 = no cache
-    test_mb: int
+    mb: int      # DALI cache_size of every decoder in this process, MB; 0 = no cache
     reason: str
+
+    def decoder_args(self) -> dict:
+        """fn.decoders.image's cache arguments, identical for every pipeline in the process."""
+        if not self.mb:
+            return {}
+        return dict(cache_size=self.mb, cache_type="threshold", cache_threshold=0)
 
 
 def _pixels(path) -> int:
@@ -47,21 +62,24 @@ def _free_gpu_mb(device: torch.device) -> float:  # the one CUDA call, made only
 
 def plan_cache(mode: str, device: torch.device, train: list, test: list,
                free_mb: float | None = None) -> CachePlan:
-    """Cache sizes for --decode-cache auto|on|off; `test` is this rank's test files.
-    Train shuffles globally, so each rank's train cache must hold the whole train split."""
+    """The process's one cache size for --decode-cache auto|on|off; `test` is this rank's
+    test files, `free_mb` the free GPU memory (None: asked of CUDA, for a CUDA device only).
+    Train shuffles globally, so each rank's cache must hold the whole train split. With
+    `auto` the size depends on the files only (free memory just says whether it fits), so
+    loaders planned at different times in one process still agree on it."""
     if mode == "off":
-        return CachePlan(0, 0, "off (--decode-cache off)")
+        return CachePlan(0, "off (--decode-cache off)")
     if device.type != "cuda":
         asked = " (--decode-cache on applies to GPU decoding only)" if mode == "on" else ""
-        return CachePlan(0, 0, f"off: DALI's CPU decoder has no cache, every epoch decodes its JPEGs{asked}")
+        return CachePlan(0, f"off: DALI's CPU decoder has no cache, every epoch decodes its JPEGs{asked}")
     free = _free_gpu_mb(device) if free_mb is None else free_mb
-    train_mb, test_mb = decoded_mb(train), decoded_mb(test)
-    need, budget = _CACHE_HEADROOM * (train_mb + test_mb), _CACHE_SHARE[mode] * free
+    images_mb = decoded_mb(train) + decoded_mb(test)
+    need, budget = _CACHE_HEADROOM * images_mb, _CACHE_SHARE[mode] * free
     share = f"{_CACHE_SHARE[mode]:.0%} of {free:.0f} MB free GPU memory"
     if mode == "auto" and need > budget:
-        return CachePlan(0, 0, f"off: ~{need:.0f} MB of decoded images would exceed {share}")
-    scale = min(1.0, budget / max(need, 1e-9))
-    capped = f", capped at {share}: part of each epoch still decodes" if scale < 1 else ""
-    return CachePlan(math.ceil(_CACHE_HEADROOM * train_mb * scale), math.ceil(_CACHE_HEADROOM * test_mb * scale),
-                     f"on ({mode}): ~{train_mb + test_mb:.0f} MB of decoded images kept in GPU memory "
-                     f"after their first decode{capped}")
+        return CachePlan(0, f"off: ~{need:.0f} MB of decoded images would exceed {share}")
+    capped = f", capped at {share}: part of each epoch still decodes" if need > budget else ""
+    return CachePlan(math.ceil(min(need, budget)),
+                     f"on ({mode}): one {math.ceil(min(need, budget))} MB cache for train and test, "
+                     f"~{images_mb:.0f} MB of decoded images kept in GPU memory after their first "
+                     f"decode{capped}")

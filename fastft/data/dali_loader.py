@@ -13,6 +13,10 @@ Epochs and shards (shard_id=rank, num_shards=world_size):
   multiple of world_size so every shard has the same size; each rank then
   DROPS its ragged last batch. Every step has exactly batch_per_rank examples,
   so torch.compile never meets a new shape and every rank takes the same steps.
+  A shard smaller than one batch (6 images at --batch-size 64) is one step of
+  the whole shard: still one shape every step, each image once per epoch, as
+  the torch loader's one partial batch; filling the batch with repeats would
+  count and weight the repeated images twice (`train_shards`).
 - test: no shuffle, each rank sticks to its shard, pad_last_batch + PARTIAL:
   every test image is seen exactly once across ranks, and no padded duplicate.
 
@@ -46,15 +50,17 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from fastft.config import eval_resize_px
-from fastft.data.dali_cache import plan_cache
+from fastft.data import check_train_split
+from fastft.data.dali_cache import CachePlan, plan_cache
 from fastft.data.images import decode_problem, shown_path
 from fastft.data.layout import DatasetLayout
 from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fastft.errors import ConfigError, DataError
+from fastft.errors import DataError
 
 READER = "reader"
 _FAILED = re.compile(r"Failed to decode sample #\d+ : (.+)")
 _DECODER = "fn.decoders.image"
+_CODEC_FAILURE = "nvImageCodec failure"  # a decode that failed without naming its sample
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class DaliOptions:
     """Pipeline knobs; bench/loaders.py sweeps them. Defaults are DALI's own
     (prefetch 2, hw_decoder_load 0.65) until measurements on the target GPU say
     otherwise."""
-    threads: int = 0                # CPU threads; 0 = rt.workers, or os.cpu_count() if that is 0
+    threads: int = 0                # CPU threads; 0 = default_threads()
     prefetch: int = 2               # batches DALI prepares ahead
     hw_decoder_load: float = 0.65   # fraction of JPEGs for the A100/H100 hardware decoder
 
@@ -78,14 +84,25 @@ def _device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def _decode(encoded, on_gpu: bool, cache_mb: int, hw_load: float):
-    """decoders.image as PIL/ImageFolder decode: RGB, EXIF orientation ignored."""
-    if not on_gpu:
-        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
-    cache = dict(cache_size=cache_mb, cache_type="threshold", cache_threshold=0) if cache_mb else {}
-    # Fancy upsampling: the chroma upsampling libjpeg-turbo (and so PIL) uses.
-    return fn.decoders.image(encoded, device="mixed", output_type=types.RGB, adjust_orientation=False,
-                             jpeg_fancy_upsampling=True, hw_decoder_load=hw_load, **cache)
+def default_threads(env: dict | None = None) -> int:
+    """DALI CPU threads per process: the machine's cores split over the training processes on
+    it. DALI's own default is every core for each pipeline, which oversubscribes the machine
+    under torchrun; LOCAL_WORLD_SIZE is torchrun's count of processes on this machine (read
+    here because Runtime carries no local world size)."""
+    env = os.environ if env is None else env
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(env.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def decoder_args(on_gpu: bool, cache: CachePlan, hw_load: float) -> dict:
+    """fn.decoders.image's arguments: RGB, EXIF orientation ignored, as PIL/ImageFolder decode.
+    The same for the train and test pipelines: DALI's one decoder cache per device and process
+    accepts only one set of cache arguments (see dali_cache)."""
+    args = dict(device="mixed" if on_gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
+    if on_gpu:
+        # Fancy upsampling: the chroma upsampling libjpeg-turbo (and so PIL) uses.
+        args.update(jpeg_fancy_upsampling=True, hw_decoder_load=hw_load, **cache.decoder_args())
+    return args
 
 
 def _normalize(images, dtype, channels_last: bool, **crop):
@@ -100,12 +117,11 @@ def _labels(labels, on_gpu: bool):
 
 
 @pipeline_def(enable_checkpointing=True)
-def _train_pipeline(files, labels, size, shard, shards, shuffle_seed, on_gpu, cache_mb, hw_load, dtype,
-                    channels_last):
+def _train_pipeline(files, labels, size, shard, shards, shuffle_seed, on_gpu, decoder, dtype, channels_last):
     encoded, label = fn.readers.file(files=files, labels=labels, name=READER, shard_id=shard,
                                      num_shards=shards, pad_last_batch=True, shuffle_after_epoch=True,
                                      shuffle_after_epoch_seed=shuffle_seed)
-    images = _decode(encoded, on_gpu, cache_mb, hw_load)
+    images = fn.decoders.image(encoded, **decoder)
     # DALI's defaults are torchvision's: area 0.08-1, aspect 3/4-4/3, 10 tries.
     images = fn.random_resized_crop(images, size=[size, size], random_area=[0.08, 1.0],
                                     random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
@@ -121,10 +137,10 @@ def _center_pos(resize: int, size: int) -> float:
 
 
 @pipeline_def
-def _test_pipeline(files, labels, size, shard, shards, on_gpu, cache_mb, hw_load, dtype, channels_last):
+def _test_pipeline(files, labels, size, shard, shards, on_gpu, decoder, dtype, channels_last):
     encoded, label = fn.readers.file(files=files, labels=labels, name=READER, shard_id=shard,
                                      num_shards=shards, pad_last_batch=True, stick_to_shard=True)
-    images = _decode(encoded, on_gpu, cache_mb, hw_load)
+    images = fn.decoders.image(encoded, **decoder)
     resize = eval_resize_px(size)
     # Resize([r, r]): square, not aspect-preserving; linear + antialias is PIL's bilinear.
     images = fn.resize(images, resize_x=resize, resize_y=resize, interp_type=types.INTERP_LINEAR,
@@ -144,17 +160,20 @@ def _first_bad(paths: list) -> tuple[str, str] | None:
 
 
 def _as_data_error(err: RuntimeError, paths: list) -> DataError | None:
-    """A decoder failure as fastft's one-line DataError naming the file, else None.
+    """A decode failure as fastft's one-line DataError naming the file; None for any other
+    error, which the caller re-raises as DALI wrote it.
 
     DALI names the file ('Failed to decode sample #N : PATH') for some failures
-    and only an index for others ("nvImageCodec failure: '#3'"); then the
-    split's files are decoded with PIL, once, to find it.
+    and only a status for others ("nvImageCodec failure: '#3'"); then the
+    split's files are decoded with PIL, once, to find it. Other errors of the
+    decoder operator (its cache settings, memory, the device) are not about a
+    file and stay as they are.
     """
     text = str(err)
     found = _FAILED.search(text)
     if found is not None:
         return DataError(f"{shown_path(found.group(1).strip())}: cannot decode image (DALI decoder failed)")
-    if _DECODER not in text:
+    if _DECODER not in text or _CODEC_FAILURE not in text:
         return None
     bad = _first_bad(sorted(set(paths)))
     if bad is None:
@@ -180,6 +199,28 @@ def _dali_dtype(amp: torch.dtype | None):
     return types.FLOAT16 if amp == torch.float16 else types.FLOAT
 
 
+@dataclass(frozen=True)
+class TrainShards:
+    """One process's share of the train split, the same on every process."""
+    padded: int  # train files after DistributedSampler-style padding to a multiple of the processes
+    shard: int   # files per process
+    batch: int   # images per step: batch_per_rank, or the whole shard when it is smaller
+    steps: int   # per epoch; each process drops its last shard % batch shuffled files
+
+    @property
+    def dropped(self) -> int:
+        return self.shard - self.steps * self.batch
+
+
+def train_shards(n_train: int, batch_per_rank: int, world_size: int) -> TrainShards:
+    """Shards of the train split; ConfigError when some process would get no image of its own."""
+    check_train_split(n_train, world_size)
+    padded = math.ceil(n_train / world_size) * world_size
+    shard = padded // world_size
+    batch = min(batch_per_rank, shard)
+    return TrainShards(padded, shard, batch, shard // batch)
+
+
 def _shard_size(n: int, shard: int, shards: int) -> int:
     """Samples in DALI's shard `shard`: [floor(i n / k), floor((i + 1) n / k))."""
     return (shard + 1) * n // shards - shard * n // shards
@@ -196,24 +237,23 @@ class DaliLoaders:
     name = "dali"
 
     def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, rt, seed: int,
-                 decode_cache: str = "auto", options: DaliOptions = DaliOptions()):
+                 decode_cache: str = "auto", options: DaliOptions = DaliOptions(),
+                 cache: CachePlan | None = None):
+        """`cache`: a plan made once for several loaders in one process; None plans it here
+        from `decode_cache`. Raises ConfigError when some process would get no train image."""
         self.classes = layout.classes
         self.rt, self.image_size, self.batch, self.seed = rt, image_size, batch_per_rank, seed
         self.options = options
-        self.threads = options.threads or rt.workers or os.cpu_count() or 1
-        train, test = layout.files["train"], layout.files["test"]
+        self.threads = options.threads or default_threads()
+        train, test = layout.dali_files("train"), layout.dali_files("test")
         self.train_size, self.test_size = len(train), len(test)
         # DistributedSampler-style padding: equal shards, so equal step counts on every rank.
-        padded = math.ceil(len(train) / rt.world_size) * rt.world_size
-        self._train = [train[i % len(train)] for i in range(padded)]
+        self.shards = train_shards(len(train), batch_per_rank, rt.world_size)
+        self._train = [train[i % len(train)] for i in range(self.shards.padded)]
         self._test = list(test)
-        self._train_shard = padded // rt.world_size
-        if self._train_shard < batch_per_rank:
-            raise ConfigError(f"--batch-size {batch_per_rank * rt.world_size}: {len(train)} train images "
-                              f"give each of {rt.world_size} processes less than one batch")
         self._test_shard = _shard_size(len(test), rt.rank, rt.world_size)
-        self.cache = plan_cache(decode_cache, rt.device, [p for p, _ in train],
-                                [p for p, _ in test][rt.rank:: rt.world_size])
+        self.cache = cache or plan_cache(decode_cache, rt.device, [p for p, _ in train],
+                                         [p for p, _ in test][rt.rank:: rt.world_size])
         self._iters: dict[str, DALIGenericIterator] = {}
         self._open: set[str] = set()  # passes a caller left before their end
         self._checkpoint: str | None = None
@@ -221,7 +261,11 @@ class DaliLoaders:
 
     # --- the backend interface ------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        return self._train_shard // self.batch
+        return self.shards.steps
+
+    def train_batch_sizes(self) -> set[int]:
+        """Images per process in the train steps: one size, every step."""
+        return {self.shards.batch}
 
     def train_batches(self, epoch: int) -> _Batches:
         if epoch != self._epoch:
@@ -236,12 +280,14 @@ class DaliLoaders:
     def describe(self) -> list[str]:
         o, rt = self.options, self.rt
         where = f"mixed decode on {rt.device}" if _on_gpu(rt.device) else "CPU operators (device_id=None)"
-        source = "set" if o.threads else (f"--workers {rt.workers}" if rt.workers else "os.cpu_count()")
+        source = "set" if o.threads else "cores / processes on this machine"
         hw = f", hw_decoder_load {o.hw_decoder_load}" if _on_gpu(rt.device) else ""
+        s = self.shards
+        smaller = f" (the whole shard: less than --batch-size per process)" if s.batch < self.batch else ""
         return [
             f"dali: {where}, {self.threads} threads ({source}), prefetch {o.prefetch}{hw}",
-            f"dali train: {self.steps_per_epoch()} steps of {self.batch} per process, each dropping the "
-            f"last {self._train_shard % self.batch} of its {self._train_shard} shuffled images per epoch",
+            f"dali train: {s.steps} steps of {s.batch}{smaller} per process, each dropping the "
+            f"last {s.dropped} of its {s.shard} shuffled images per epoch",
             f"dali decode cache: {self.cache.reason}",
         ]
 
@@ -265,7 +311,8 @@ class DaliLoaders:
         self._open.discard("train")
 
     def _fingerprint(self) -> list:
-        return [len(self._train), self.batch, self.seed, self.rt.rank, self.rt.world_size, self.image_size]
+        return [len(self._train), self.shards.batch, self.seed, self.rt.rank, self.rt.world_size,
+                self.image_size]
 
     # --- passes over the pipelines ----------------------------------------------------------
     def _pass(self, kind: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -304,21 +351,23 @@ class DaliLoaders:
         """The pipeline for `kind`, built on first use (building starts decoding a batch)."""
         if kind not in self._iters:
             if kind == "train":
-                pipe = _train_pipeline(**self._common(self._train, self.cache.train_mb),
-                                       shuffle_seed=self.seed, seed=_pipeline_seed(self.seed, self.rt.rank),
-                                       checkpoint=self._checkpoint)
+                pipe = _train_pipeline(**self._common("train"), shuffle_seed=self.seed,
+                                       seed=_pipeline_seed(self.seed, self.rt.rank), checkpoint=self._checkpoint)
             else:
-                pipe = _test_pipeline(**self._common(self._test, self.cache.test_mb), seed=self.seed)
+                pipe = _test_pipeline(**self._common("test"), seed=self.seed)
             policy = LastBatchPolicy.DROP if kind == "train" else LastBatchPolicy.PARTIAL
             self._iters[kind] = DALIGenericIterator(pipe, ["x", "y"], reader_name=READER,
                                                     last_batch_policy=policy)
         return self._iters[kind]
 
-    def _common(self, files, cache_mb: int) -> dict:
-        rt = self.rt
+    def _common(self, kind: str) -> dict:
+        """The pipeline's arguments; the decoder's are the same for train and test."""
+        rt, files = self.rt, (self._train if kind == "train" else self._test)
+        on_gpu = _on_gpu(rt.device)
         return dict(files=[os.fspath(p) for p, _ in files], labels=[label for _, label in files],
-                    size=self.image_size, shard=rt.rank, shards=rt.world_size, on_gpu=_on_gpu(rt.device),
-                    cache_mb=cache_mb, hw_load=self.options.hw_decoder_load,
+                    size=self.image_size, shard=rt.rank, shards=rt.world_size, on_gpu=on_gpu,
+                    decoder=decoder_args(on_gpu, self.cache, self.options.hw_decoder_load),
                     dtype=_dali_dtype(rt.amp_dtype), channels_last=rt.channels_last,
-                    batch_size=self.batch, num_threads=self.threads, device_id=_device_id(rt.device),
+                    batch_size=self.shards.batch if kind == "train" else self.batch,
+                    num_threads=self.threads, device_id=_device_id(rt.device),
                     prefetch_queue_depth=self.options.prefetch)
