@@ -4,7 +4,9 @@ setup(
     name="fastft",
     version="0.1.0",
     description="High-throughput fine-tuning of ResNet-18, the d2l.ai hotdog chapter done fast",
-    packages=find_packages(include=["fastft", "fastft.*"]),
+    # The top-level kernels/ folder installs as fastft_kernels: PyPI has an unrelated "kernels".
+    packages=find_packages(include=["fastft", "fastft.*"]) + ["fastft_kernels"],
+    package_dir={"fastft_kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "tqdm", "pillow"],
     extras_require={

@@ -1,0 +1,144 @@
+"""The Triton kernel behind resized_crop_normalize_triton; imported only when it runs.
+
+One program makes one TILE_Y x TILE_X tile of one sample's output: grid (B, tiles down, tiles
+across), so one launch covers the batch whatever the mix of image sizes. Per output pixel it
+computes torch's antialiased bilinear taps for its row and its column (see resized_crop.py),
+loops over them with runtime bounds (any downscale works: the loop count is the tile's widest
+filter, not a compiled-in cap), reads uint8 RGB straight from the packed buffer, and writes the
+flipped, normalised value NHWC in the output's dtype.
+
+The kernels use only triton.language builtins, never the jit functions of its standard library
+(tl.max, tl.zeros, ...): those are decorated when triton is imported, so in a process that imported
+triton before setting TRITON_INTERPRET=1 (a test process: torchvision imports triton) they stay
+compiled and cannot run under the interpreter. Our own @triton.jit functions are decorated when
+this module is imported, so the tests (re)import it with TRITON_INTERPRET=1 set.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as err:  # pragma: no cover - depends on the install
+    raise ImportError("the Triton kernel needs triton: pip install triton "
+                      "(CPU installs use resized_crop_normalize_reference instead)") from err
+
+
+@triton.jit
+def _axis(start, length, out_pos, size):
+    """Taps of one axis for output positions out_pos (int32 vector): torch's aa rule.
+
+    Returns (lo, centre, first, stop, n, invscale): taps are crop pixels j in [first, stop),
+    source pixel lo + j, weight triangle((j - centre + 0.5) * invscale).
+    """
+    lo = tl.floor(start)
+    n = (tl.ceil(start + length) - lo).to(tl.int32)  # crop pixels the filter may read
+    scale = length / size
+    support = tl.maximum(scale, 1.0)
+    invscale = 1.0 / support
+    centre = (start - lo) + scale * (out_pos.to(tl.float32) + 0.5)
+    first = tl.maximum(tl.floor(centre - support + 0.5), 0.0).to(tl.int32)
+    stop = tl.minimum(tl.floor(centre + support + 0.5).to(tl.int32), n)
+    return lo.to(tl.int32), centre, first, stop, n, invscale
+
+
+@triton.jit
+def _larger(a, b):
+    """Combine function of a max-reduction (tl.reduce)."""
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_ptr, boxes_ptr,
+                         flip_ptr, out_ptr, size, scale0, scale1, scale2, shift0, shift1, shift2,
+                         TILE_Y: tl.constexpr, TILE_X: tl.constexpr):
+    b = tl.program_id(0)
+    image = tl.load(index_ptr + b)
+    base = tl.load(offsets_ptr + image)  # int64 byte offset of the image
+    height = tl.load(heights_ptr + image)
+    width = tl.load(widths_ptr + image)
+    top = tl.load(boxes_ptr + b * 4 + 0)
+    left = tl.load(boxes_ptr + b * 4 + 1)
+    crop_h = tl.load(boxes_ptr + b * 4 + 2)
+    crop_w = tl.load(boxes_ptr + b * 4 + 3)
+    mirror = tl.load(flip_ptr + b) != 0
+
+    oy = tl.program_id(1) * TILE_Y + tl.arange(0, TILE_Y)
+    ox = tl.program_id(2) * TILE_X + tl.arange(0, TILE_X)
+    ry = tl.minimum(oy, size - 1)  # rows/columns past the edge compute a copy, never stored
+    rx = tl.minimum(ox, size - 1)
+    rx = tl.where(mirror, size - 1 - rx, rx)  # a flipped output column reads the mirrored one
+    lo_y, cy, fy, sy, ny, iy = _axis(top, crop_h, ry, size)
+    lo_x, cx, fx, sx, nx, ix = _axis(left, crop_w, rx, size)
+    taps_y = tl.reduce(sy - fy, 0, _larger)  # the tile's widest filter: the loops' runtime bound
+    taps_x = tl.reduce(sx - fx, 0, _larger)
+
+    # Triangle weights, inlined (a nested jit call costs milliseconds under the interpreter):
+    # w(j) = max(1 - |j - centre + 0.5| * invscale, 0) for j < stop, else 0. Columns' sum once,
+    # rows' sum in the row loop; the product of both normalises at the end.
+    wsum_x = tl.full([TILE_X], 0.0, tl.float32)
+    for kx in range(0, taps_x):
+        jx = fx + kx
+        wx = tl.maximum(1.0 - tl.abs((jx.to(tl.float32) - cx + 0.5) * ix), 0.0)
+        wsum_x += tl.where(jx < sx, wx, 0.0)
+    wsum_y = tl.full([TILE_Y], 0.0, tl.float32)
+    acc_r = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
+    acc_g = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
+    acc_b = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
+    for ky in range(0, taps_y):
+        jy = fy + ky
+        wy = tl.maximum(1.0 - tl.abs((jy.to(tl.float32) - cy + 0.5) * iy), 0.0)
+        wy = tl.where(jy < sy, wy, 0.0)
+        wsum_y += wy
+        # Clamped into the crop and the image: unused taps (weight 0) still read a valid byte.
+        row = tl.minimum(tl.maximum(lo_y + tl.minimum(jy, ny - 1), 0), height - 1)
+        row_base = base + row.to(tl.int64) * width * 3
+        for kx in range(0, taps_x):
+            jx = fx + kx
+            wx = tl.maximum(1.0 - tl.abs((jx.to(tl.float32) - cx + 0.5) * ix), 0.0)
+            w = wy[:, None] * tl.where(jx < sx, wx, 0.0)[None, :]
+            col = tl.minimum(tl.maximum(lo_x + tl.minimum(jx, nx - 1), 0), width - 1)
+            ptr = data_ptr + row_base[:, None] + (col * 3)[None, :]
+            acc_r += w * tl.load(ptr + 0).to(tl.float32)
+            acc_g += w * tl.load(ptr + 1).to(tl.float32)
+            acc_b += w * tl.load(ptr + 2).to(tl.float32)
+
+    norm = 1.0 / (wsum_y[:, None] * wsum_x[None, :])
+    out = out_ptr + ((b * size + oy[:, None]).to(tl.int64) * size + ox[None, :]) * 3
+    mask = (oy[:, None] < size) & (ox[None, :] < size)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out + 0, (acc_r * norm * scale0 + shift0).to(dtype), mask=mask)
+    tl.store(out + 1, (acc_g * norm * scale1 + shift1).to(dtype), mask=mask)
+    tl.store(out + 2, (acc_b * norm * scale2 + shift2).to(dtype), mask=mask)
+
+
+def _tiles(size: int, on_gpu: bool) -> tuple[int, int]:
+    """(TILE_Y, TILE_X). GPU: 8 x 32 = 256 pixels a program, 32 along a row for coalesced stores.
+    CPU (the interpreter, tests only): one program a sample, since each program costs Python time."""
+    if on_gpu:
+        return 8, 32
+    side = triton.next_power_of_2(min(size, 64))
+    return side, side
+
+
+def launch(images, index: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
+           mean, std, out: torch.Tensor) -> None:
+    """Fill out (B, 3, S, S), NHWC-contiguous, in one launch. All tensors on one device."""
+    tensors = (images.data, images.offsets, images.heights, images.widths, index, boxes, flip, out)
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    batch = index.shape[0]
+    if batch == 0:
+        return
+    scale = [1.0 / (255.0 * s) for s in std]
+    shift = [-m / s for m, s in zip(mean, std)]
+    tile_y, tile_x = _tiles(size, out.is_cuda)
+    grid = (batch, triton.cdiv(size, tile_y), triton.cdiv(size, tile_x))
+    # The kernel indexes every 1-D input as contiguous; slices of a bigger table are copied here.
+    _resized_crop_kernel[grid](images.data, images.offsets.contiguous(), images.heights.contiguous(),
+                               images.widths.contiguous(),
+                               index.contiguous(), boxes.contiguous(), flip.contiguous().view(torch.uint8),
+                               out, size,
+                               *scale, *shift, TILE_Y=tile_y, TILE_X=tile_x)

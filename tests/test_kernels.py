@@ -1,0 +1,192 @@
+"""fastft_kernels.resized_crop: the packed buffer, the torch reference against torchvision's
+antialiased resized_crop, and the Triton kernel against the reference (run by Triton's
+interpreter on CPU tensors, on small images, so it stays in seconds)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from fastft_kernels import (PackedImages, resized_crop_normalize, resized_crop_normalize_reference,
+                            resized_crop_normalize_triton)
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Tolerances in 0-255 pixel units (see kernels/resized_crop.py), turned into normalised units.
+PX = 1.0 / (255.0 * min(STD))
+# Storing in the output dtype, relative: one rounding (unit roundoff) for fp16; one ulp for bf16,
+# because Triton's interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even.
+ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -11}
+
+# (height, width) of the packed sources: square, 1 px, a row, a column, small, and one for
+# 8x downscales along each axis.
+SHAPES = [(24, 24), (1, 1), (1, 40), (40, 1), (6, 5), (64, 12), (12, 64)]
+
+
+def make_images(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g) for h, w in SHAPES]
+
+
+def cases(size: int) -> list[tuple[int, tuple[float, float, float, float]]]:
+    """(image id, box) pairs: whole images, every edge and corner, 8x downscales, upscales."""
+    return [
+        (0, (0, 0, 24, 24)),            # 24 -> size: shrink, antialiased
+        (0, (0, 0, 5, 7)),              # top-left corner, upscale
+        (0, (19, 17, 5, 7)),            # bottom-right corner
+        (0, (0, 20, 24, 4)),            # right edge, full height
+        (0, (21, 0, 3, 24)),            # bottom edge, full width
+        (1, (0, 0, 1, 1)),              # 1 px source
+        (2, (0, 0, 1, 40)),             # 1 x N
+        (2, (0, 33, 1, 7)),             # 1 x N, right end
+        (3, (0, 0, 40, 1)),             # N x 1
+        (4, (0, 0, 6, 5)),              # upscale of a whole small image
+        (5, (0, 0, min(8 * size, 64), 12)),  # 8x downscale down the rows (size 8)
+        (6, (0, 0, 12, min(8 * size, 64))),  # 8x downscale across the columns
+        (0, (2.5, 1.25, 17.5, 20.0)),   # fractional box (the float-box rule)
+    ]
+
+
+def batch(size: int, flip_every: int = 2):
+    pairs = cases(size)
+    index = torch.tensor([i for i, _ in pairs], dtype=torch.int64)
+    boxes = torch.tensor([box for _, box in pairs], dtype=torch.float32)
+    flip = torch.arange(len(pairs)) % flip_every == 1
+    return index, boxes, flip
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) in 0-255 -> ImageNet-normalised, as torchvision's Normalize after ToDtype."""
+    return TF.normalize(pixels / 255.0, list(MEAN), list(STD))
+
+
+def torchvision_batch(images, index, boxes, flip, size, dtype=torch.float32) -> torch.Tensor:
+    """Expected output: torchvision's resized_crop (antialias=True) per sample, flip, normalise."""
+    outs = []
+    for i, box, mirror in zip(index.tolist(), boxes.int().tolist(), flip.tolist()):
+        chw = images[i].permute(2, 0, 1).to(dtype)
+        out = TF.resized_crop(chw, *box, [size, size], antialias=True).float()
+        outs.append(out.flip(-1) if mirror else out)
+    return normalise(torch.stack(outs))
+
+
+def integral(index, boxes, flip):
+    keep = (boxes == boxes.round()).all(dim=1)
+    return index[keep], boxes[keep], flip[keep]
+
+
+def test_pack_round_trip():
+    images = make_images()
+    packed = PackedImages.pack(images)
+    sizes = [h * w * 3 for h, w in SHAPES]
+    assert packed.offsets.tolist() == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert packed.heights.tolist() == [h for h, _ in SHAPES] and packed.heights.dtype == torch.int32
+    assert packed.widths.tolist() == [w for _, w in SHAPES] and packed.widths.dtype == torch.int32
+    assert packed.data.numel() == sum(sizes) and len(packed) == len(SHAPES)
+    assert packed.nbytes == sum(sizes) + len(SHAPES) * (8 + 4 + 4)
+    for i, image in enumerate(images):
+        assert torch.equal(packed.to("cpu").image(i), image)
+
+
+def test_pack_rejects_non_rgb_uint8():
+    with pytest.raises(ValueError, match="image 1"):
+        PackedImages.pack([torch.zeros(2, 2, 3, dtype=torch.uint8), torch.zeros(2, 2, 4, dtype=torch.uint8)])
+
+
+@pytest.mark.parametrize("size", [8, 13])
+def test_exact_reference_matches_torchvision_float(size):
+    images = make_images()
+    index, boxes, flip = integral(*batch(size))
+    got = resized_crop_normalize_reference(PackedImages.pack(images), index, boxes, flip, size, MEAN, STD,
+                                           torch.float32, fast=False)
+    torch.testing.assert_close(got, torchvision_batch(images, index, boxes, flip, size), rtol=0, atol=1e-3 * PX)
+
+
+@pytest.mark.parametrize("size", [8, 13])
+def test_fast_reference_matches_torchvision_uint8(size):
+    images = make_images()
+    index, boxes, flip = integral(*batch(size))
+    got = resized_crop_normalize_reference(PackedImages.pack(images), index, boxes, flip, size, MEAN, STD,
+                                           torch.float32, fast=True)
+    # Same uint8 rounding as torchvision on uint8 input: equal up to the normalisation's fp32 order.
+    expected = torchvision_batch(images, index, boxes, flip, size, dtype=torch.uint8)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # Against the float result: within torch's two uint8 roundings (horizontal, vertical pass).
+    exact = torchvision_batch(images, index, boxes, flip, size)
+    assert (got - exact).abs().max() <= 1.0 * PX
+    assert (got - exact).abs().max() > 0  # the fast path really is the rounded one
+
+
+def test_fractional_box_is_resize_then_centre_crop_away_from_the_edges():
+    # Resize([16, 16]) then CenterCrop(14) of a 40 px image is the box (2.5, 2.5, 35, 35) -> 14, except
+    # that our filter is clipped at the box's edge pixels instead of the image's: rows/cols 0 and 13.
+    hwc = torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    expected = TF.center_crop(TF.resize(hwc.permute(2, 0, 1).float(), [16, 16], antialias=True), [14, 14])
+    got = resized_crop_normalize_reference(PackedImages.pack([hwc]), torch.zeros(1, dtype=torch.int64),
+                                           torch.tensor([[2.5, 2.5, 35.0, 35.0]]), torch.zeros(1, dtype=torch.bool),
+                                           14, MEAN, STD, torch.float32, fast=False)
+    expected = normalise(expected[None])
+    torch.testing.assert_close(got[..., 1:-1, 1:-1], expected[..., 1:-1, 1:-1], rtol=0, atol=1e-3 * PX)
+    assert (got[..., 0, :] - expected[..., 0, :]).abs().max() > 1e-2  # the clipped edge row differs
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_output_layout_and_dispatch(out_dtype):
+    images = PackedImages.pack(make_images())
+    index, boxes, flip = batch(8)
+    out = resized_crop_normalize(images, index, boxes, flip, 8, MEAN, STD, out_dtype)
+    assert out.shape == (len(index), 3, 8, 8) and out.dtype == out_dtype
+    assert out.stride() == (3 * 64, 1, 3 * 8, 3)  # NHWC-contiguous
+    assert torch.equal(out, resized_crop_normalize_reference(images, index, boxes, flip, 8, MEAN, STD, out_dtype))
+
+
+def test_reference_rejects_wrong_dtypes():
+    images = PackedImages.pack(make_images())
+    index, boxes, flip = batch(8)
+    with pytest.raises(ValueError, match="index must be int64"):
+        resized_crop_normalize(images, index.int(), boxes, flip, 8, MEAN, STD, torch.float32)
+    with pytest.raises(ValueError, match="boxes must be float32"):
+        resized_crop_normalize(images, index, boxes.double(), flip, 8, MEAN, STD, torch.float32)
+    with pytest.raises(ValueError, match="out_dtype"):
+        resized_crop_normalize(images, index, boxes, flip, 8, MEAN, STD, torch.int8)
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """The kernel module re-imported under TRITON_INTERPRET=1 (triton reads it when @jit runs),
+    and re-imported again afterwards so no later test inherits the interpreter."""
+    pytest.importorskip("triton", reason="triton is not installed: the kernel tests need it")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRITON_INTERPRET", "1")
+    module = importlib.import_module("fastft_kernels._resized_crop_triton")
+    importlib.reload(module)
+    yield module
+    patch.undo()
+    importlib.reload(module)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_matches_exact_reference(interpreted, out_dtype):
+    size = 8
+    images = PackedImages.pack(make_images())
+    index, boxes, flip = batch(size)
+    got = resized_crop_normalize_triton(images, index, boxes, flip, size, MEAN, STD, out_dtype)
+    assert got.dtype == out_dtype and got.stride() == (3 * size * size, 1, 3 * size, 3)
+    want = resized_crop_normalize_reference(images, index, boxes, flip, size, MEAN, STD, torch.float32, fast=False)
+    # fp32: the kernel sums the 2-D taps in one pass, the reference in two: 1e-3 px; other dtypes
+    # add one rounding of the stored value.
+    torch.testing.assert_close(got.float(), want, rtol=ROUNDING[out_dtype], atol=1e-3 * PX)
+
+
+def test_triton_flip_mirrors_and_upscales_odd_size(interpreted):
+    size = 13  # odd: the middle column maps onto itself; several tiles' worth of rows on a GPU
+    images = PackedImages.pack(make_images())
+    index = torch.tensor([0, 0, 4, 4], dtype=torch.int64)
+    boxes = torch.tensor([[3, 2, 17, 21], [3, 2, 17, 21], [0, 0, 6, 5], [0, 0, 6, 5]], dtype=torch.float32)
+    flip = torch.tensor([False, True, False, True])
+    got = resized_crop_normalize(images, index, boxes, flip, size, MEAN, STD, torch.float32, use_triton=True)
+    assert torch.equal(got[1], got[0].flip(-1)) and torch.equal(got[3], got[2].flip(-1))
+    want = resized_crop_normalize_reference(images, index, boxes, flip, size, MEAN, STD, torch.float32, fast=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * PX)
