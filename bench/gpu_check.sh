@@ -2,56 +2,86 @@
 # One prepared check for a lent GPU (H100/H200, torch + triton, no DALI, no network). Under 8 minutes.
 #
 #   OUT=/some/dir bash bench/gpu_check.sh            # on the GPU machine, from the repo root
-#   bash bench/gpu_check.sh --dry-run                # same stages on the CPU, tiny (or FASTFT_GPU_CHECK_CPU=1)
+#   OUT=$(mktemp -d) bash bench/gpu_check.sh --dry-run   # same stages on the CPU, tiny (or FASTFT_GPU_CHECK_CPU=1)
 #
-# Stages (each under `timeout`, all inside one global deadline; a failed stage prints and the rest go on):
+# What comes back: only a few small files can leave the GPU machine (at most 8, each under 16 MiB),
+# so data, checkpoints, run folders and full logs live in a temporary folder removed at exit, and
+# $OUT holds exactly three files:
+#   gpu_check.json   every figure so far (bench/gpu_report.py rewrites it after every stage)
+#   stages.txt       one line per stage: ok / FAILED / TIMED OUT / skipped, rc, seconds
+#   log_tail.txt     the last 30 lines of each stage's log
+#
+# Stages, most important figures first; each under `timeout`, all inside one global deadline, so a
+# slow compile cuts the last stages, not the first. A failed stage prints and the rest go on, and the
+# table is printed after every stage and LAST:
 #   env        torch/torchvision/tqdm import, the GPU's name; fails fast, since nothing else can run
 #   data       the chapter's shape: 2,000 train / 800 test web-like synthetic JPEGs
-#   bench      fastft bench: every strategy at 224 px, batch 256, bf16, channels_last, compile,
-#              and the d2l-style reference (fp32, NCHW, eager, torch loader) in the same call
-#   step       finetune: the engine's step on a fixed device batch vs its steady epoch on real data
-#              (is the data path the bottleneck?), and MFU at 3 x 2 x 1.82 GFLOP per 224-px example
+#   e2e        fastft bench, finetune and frozen: 224 px, batch 256, bf16, channels_last, compile,
+#              against the d2l-style reference (fp32, NCHW, eager, torch loader) in the same call
+#   step       finetune and frozen: the engine's step on a fixed device batch vs its steady epoch on
+#              real data (the data path's share of the step), and MFU
+#   (slot)     issue 11's `--loader cached` stage goes here
+#   rest       fastft bench, the other strategies (hotdog, scratch, partial:2)
 #   optim      torch SGD (fused) vs apex FusedSGD, when apex imports
+#   dali       DALI's pipeline against the torch loader, and dali_handoff (no buffer torch holds is
+#              rewritten), only where DALI imports
 #   ddp        the same eager finetune run plain and under torchrun with 1 rank (NCCL): DDP's own cost
-#   summary    a short table, printed LAST; everything also lands as JSON under $OUT
 # fastft need not be installed: PYTHONPATH=$PWD. tqdm missing on the machine? From a machine with a
 # registry: `pip install --no-deps --target bench/.vendor tqdm`, and carry bench/.vendor along.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD:$PWD/bench/.vendor${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"   # the GPU machine may have no `python`
+STARTED=$(date +%s)
 
 DRY=0
 [[ "${1:-}" == "--dry-run" || "${FASTFT_GPU_CHECK_CPU:-0}" == "1" ]] && DRY=1
-OUT="${OUT:-$(mktemp -d /tmp/fastft-gpu-check.XXXXXX)}"
+OUT="${OUT:-$(mktemp -d /tmp/fastft-gpu-check-out.XXXXXX)}"
 mkdir -p "$OUT"
-if (( DRY )); then  # tiny, CPU, eager: checks the plumbing, not the speed
-    DEVICE=cpu SIZE=32 BATCH=8 TRAIN=16 TEST=8 AMP=off COMPILE=--no-compile STEPS=2 BUDGET=420
-else
-    DEVICE=cuda SIZE=224 BATCH=256 TRAIN=2000 TEST=800 AMP=bf16 COMPILE=--compile STEPS=20 BUDGET=450
-fi
-DATA="$OUT/data"
-DEADLINE=$(( $(date +%s) + BUDGET ))   # 7.5 min of stages leaves room for start-up under 8 min
-COMMON=(--device "$DEVICE" --image-size "$SIZE" --batch-size "$BATCH" --amp "$AMP" "$COMPILE")
+rm -f "$OUT/gpu_check.json" "$OUT/stages.txt" "$OUT/log_tail.txt"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/fastft-gpu-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+trap 'exit 143' TERM INT   # still runs the EXIT trap
+mkdir -p "$WORK/logs" "$WORK/runs"
 
-# stage NAME LIMIT_S CMD...: runs CMD with its output in $OUT/NAME.log, never stops the script.
+if (( DRY )); then  # tiny, CPU, eager: checks the plumbing, not the speed; 2 shared cores are slow
+    DEVICE=cpu SIZE=32 BATCH=8 TRAIN=16 TEST=8 AMP=off COMPILE=--no-compile STEPS=2 BUDGET=${BUDGET:-900}
+else
+    DEVICE=cuda SIZE=224 BATCH=256 TRAIN=2000 TEST=800 AMP=bf16 COMPILE=--compile STEPS=20 BUDGET=${BUDGET:-450}
+fi
+DATA="$WORK/data"
+DEADLINE=$(( STARTED + BUDGET ))   # 7.5 min of stages and reports leaves room for start-up under 8 min
+RESERVE=20                         # s kept back: a stage's kill grace (10 s) and the last report
+COMMON=(--device "$DEVICE" --image-size "$SIZE" --batch-size "$BATCH" --amp "$AMP" "$COMPILE")
+REPORT=("$PY" bench/gpu_report.py "$WORK" "$OUT")
+(( DRY )) && REPORT+=(--dry-run)
+
+note() { echo "$*" | tee -a "$OUT/stages.txt"; }
+
+# stage NAME LIMIT_S CMD...: CMD's output goes to $WORK/logs/NAME.log; never stops the script.
+# Afterwards: its status line, its log tail (screen: 4 lines; log_tail.txt: 30), and the table.
 stage() {
     local name=$1 limit=$2; shift 2
-    local left=$(( DEADLINE - $(date +%s) ))
+    local left=$(( DEADLINE - RESERVE - $(date +%s) ))
     (( limit > left )) && limit=$left
-    if (( limit < 5 )); then echo "== $name: skipped, global deadline reached" | tee -a "$OUT/stages.txt"; return 0; fi
+    if (( limit < 5 )); then note "$name: skipped, global deadline reached"; return 0; fi
     echo "== $name (up to ${limit}s): $*"
-    local start=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
-    local rc=$?
-    local note="ok"; (( rc == 124 || rc == 137 )) && note="TIMED OUT"; (( rc != 0 && rc != 124 && rc != 137 )) && note="FAILED"
-    echo "$name: $note (rc $rc, $(( $(date +%s) - start ))s)" | tee -a "$OUT/stages.txt"
-    tail -n 4 "$OUT/$name.log" | sed 's/^/    /'
+    local start log="$WORK/logs/$name.log"
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+    local rc=$? status="ok"
+    (( rc == 124 || rc == 137 )) && status="TIMED OUT"
+    (( rc != 0 && rc != 124 && rc != 137 )) && status="FAILED"
+    note "$name: $status (rc $rc, $(( $(date +%s) - start ))s of ${limit}s)"
+    { echo "== $name: $status (rc $rc)"; tail -n 30 "$log"; } >>"$OUT/log_tail.txt"
+    tail -n 4 "$log" | sed 's/^/    /'
+    "${REPORT[@]}" --title "gpu_check after $name"
     return 0
 }
 
 # --- env: nothing runs without these; say exactly what is missing -------------------------------
-if ! python - "$DRY" >"$OUT/env.txt" 2>&1 <<'EOF'
+if ! "$PY" - "$DRY" >"$WORK/env.txt" 2>&1 <<'EOF'
 import sys
 missing = []
 for module in ("torch", "torchvision", "numpy", "PIL", "tqdm"):
@@ -85,93 +115,58 @@ except ImportError:
     print("dali no")
 EOF
 then
-    cat "$OUT/env.txt"; echo "gpu_check: environment not usable, stopping"; exit 3
+    cat "$WORK/env.txt"; { echo "== env: FAILED"; cat "$WORK/env.txt"; } >>"$OUT/log_tail.txt"
+    note "env: FAILED, environment not usable; stopping"
+    "${REPORT[@]}" --title "gpu_check"; exit 3
 fi
-cat "$OUT/env.txt"
+cat "$WORK/env.txt"
+{ echo "== env"; cat "$WORK/env.txt"; } >>"$OUT/log_tail.txt"
+note "env: ok ($(head -n 1 "$WORK/env.txt"))"
 
-stage data 60 python -m fastft data synth "$DATA" --train "$TRAIN" --test "$TEST"
+stage data 60 "$PY" -m fastft data synth "$DATA" --train "$TRAIN" --test "$TEST"
 
-# Partial JSON survives a timeout: fastft bench rewrites it after every strategy, finetune first.
-stage bench 240 python -m fastft bench --data "$DATA" "${COMMON[@]}" --epochs 2 --json "$OUT/bench.json"
+# --- the figures that matter most: finetune and frozen end to end, then the data path's share ------
+# fastft bench rewrites its JSON after every strategy, so a cut stage keeps finetune.
+stage e2e 200 "$PY" -m fastft bench --data "$DATA" "${COMMON[@]}" --strategies finetune,frozen --epochs 2 \
+    --json "$WORK/bench_e2e.json"
+stage step 100 "$PY" bench/strategies.py step-vs-data --data "$DATA" "${COMMON[@]}" --steps "$STEPS" \
+    --strategy finetune,frozen --work "$WORK/runs/step" --out "$WORK/step_vs_data.json"
 
-stage step 75 python bench/strategies.py step-vs-data --data "$DATA" "${COMMON[@]}" --steps "$STEPS" \
-    --strategy finetune --work "$OUT/step-runs" --out "$OUT/step_vs_data.json"
+# --- SLOT (issue 11, --loader cached): kernel bench, then frozen and finetune end to end with
+# --loader cached against --loader torch; write $WORK/cached.json (bench/gpu_report.py reads it).
+# --- end of SLOT -------------------------------------------------------------------------------------
 
-if grep -q "apex yes" "$OUT/env.txt"; then
-    stage optim 50 python bench/strategies.py optimizers --data "$DATA" "${COMMON[@]}" --steps "$STEPS" \
-        --work "$OUT/optim-runs" --out "$OUT/optimizers.json"
+# --- the rest: other strategies, apex, DALI, DDP ------------------------------------------------------
+stage rest 150 "$PY" -m fastft bench --data "$DATA" "${COMMON[@]}" --strategies hotdog,scratch,partial:2 \
+    --epochs 2 --json "$WORK/bench_rest.json"
+
+if grep -q "apex yes" "$WORK/env.txt"; then
+    stage optim 50 "$PY" bench/strategies.py optimizers --data "$DATA" "${COMMON[@]}" --steps "$STEPS" \
+        --work "$WORK/runs/optim" --out "$WORK/optimizers.json"
 else
-    echo "optim: skipped, apex does not import (not on PyPI; see fastft/optim.py)" | tee -a "$OUT/stages.txt"
+    note "optim: skipped, apex does not import (not on PyPI; see fastft/optim.py)"
 fi
 
-# --- dali: the mixed (nvJPEG + hardware decoder) pipeline against the torch loader -----------------
-# Only where DALI imports: it is not on the lent machine and its wheels (~400 MB) exceed what one
+# DALI only where it imports: it is not on the lent machine and its wheels (~400 MB) exceed what one
 # call carries (64 MiB); see bench/README.md, "DALI on the lent GPU".
-if grep -q "dali yes" "$OUT/env.txt"; then
-    stage dali 60 python bench/loaders.py --data "$DATA" --device "$DEVICE" --image-size "$SIZE" \
-        --batch-size "$BATCH" --amp "$AMP" --prefetch 2,3 --epochs 2 --json "$OUT/loaders.json"
+if grep -q "dali yes" "$WORK/env.txt"; then
+    stage dali 60 "$PY" bench/loaders.py --data "$DATA" --device "$DEVICE" --image-size "$SIZE" \
+        --batch-size "$BATCH" --amp "$AMP" --prefetch 2,3 --epochs 2 --json "$WORK/loaders.json"
+    # fp32 (--amp off): torch then holds DALI's own buffers; a bf16 batch is already torch's copy.
+    stage dali_handoff 45 "$PY" bench/dali_handoff.py --data "$DATA" --device "$DEVICE" --image-size "$SIZE" \
+        --batch-size "$BATCH" --amp off --epochs 2 --hold 4 --json "$WORK/dali_handoff.json"
 else
-    echo "dali: skipped, nvidia.dali does not import here" | tee -a "$OUT/stages.txt"
+    note "dali: skipped, nvidia.dali does not import here (dali and dali_handoff)"
 fi
 
-# --- ddp: the DDP wrapper's own cost, 1 process (NCCL) against no wrapper ---------------------------
-# Eager on both sides, so the comparison is the wrapper and its all-reduce, not compile time;
-# bench/README.md ("DDP scaling") turns these two figures into the expected 4-GPU rate.
+# DDP's own cost, 1 process (NCCL) against no wrapper. Eager on both sides, so the comparison is the
+# wrapper and its all-reduce, not compile time; bench/README.md ("DDP scaling") turns these two
+# figures into the expected 4-GPU rate.
 TRAIN_ARGS=(train --data "$DATA" --strategy finetune --weights none --epochs 2 --device "$DEVICE"
             --image-size "$SIZE" --batch-size "$BATCH" --amp "$AMP" --no-compile)
-stage ddp_plain 45 python -m fastft "${TRAIN_ARGS[@]}" --out "$OUT/ddp/plain"
-stage ddp_1rank 55 python -m torch.distributed.run --standalone --nproc_per_node=1 \
-    -m fastft "${TRAIN_ARGS[@]}" --out "$OUT/ddp/1rank"
-# --- end of SLOT -----------------------------------------------------------------------------------
+stage ddp_plain 45 "$PY" -m fastft "${TRAIN_ARGS[@]}" --out "$WORK/runs/ddp/plain"
+stage ddp_1rank 55 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+    -m fastft "${TRAIN_ARGS[@]}" --out "$WORK/runs/ddp/1rank"
 
-python - "$OUT" "$DRY" <<'EOF'
-import json, sys
-from pathlib import Path
-out, dry = Path(sys.argv[1]), sys.argv[2] == "1"
-def load(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-report = {"bench": load(out / "bench.json"), "loaders": load(out / "loaders.json"), "step_vs_data": load(out / "step_vs_data.json"),
-          "optimizers": load(out / "optimizers.json"),
-          "ddp": {k: load(out / "ddp" / k / "summary.json") for k in ("plain", "1rank")},
-          "stages": (out / "stages.txt").read_text().splitlines()}
-(out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-print("\n" + "=" * 30, "gpu_check summary (dry run, CPU)" if dry else "gpu_check summary", "=" * 30)
-print("\n".join(report["stages"]))
-targets = {} if dry else {"finetune": 12000, "frozen": 30000}
-bench = report["bench"]
-if bench:
-    print(f"bench: {bench['header']['device']}, {bench['header']['image_size']} px, batch "
-          f"{bench['header']['batch_size']}{'' if bench['complete'] else ' (INCOMPLETE: timed out)'}")
-    print(f"{'strategy':10} {'e2e/s':>9} {'ref e2e/s':>9} {'x e2e':>6} {'compute/s':>10} {'x comp':>7} "
-          f"{'compile s':>9} {'recomp':>6} {'target':>7}")
-    for row in bench["rows"]:
-        if "error" in row:
-            print(f"{row['strategy']:10} failed: {row['error']}")
-            continue
-        f, r = row["fastft"], row["reference"]
-        med = lambda s: float("nan") if s is None else s["median"]
-        target = targets.get(row["strategy"])
-        print(f"{row['strategy']:10} {med(f['examples_per_sec']):9.0f} {med(r['examples_per_sec']):9.0f} "
-              f"{row['speedup_e2e']:6.2f} {med(f['examples_per_sec_compute']):10.0f} {row['speedup_compute']:7.2f} "
-              f"{med(f['compile_s']):9.1f} {med(f['recompiles']):6.0f} {target or '':>7}")
-step = report["step_vs_data"]
-if step:
-    mfu = "n/a" if step["mfu"] is None else f"{step['mfu']:.1%}"
-    print(f"step ({step['strategy']}, {step['loader']} loader): device batch {step['device_tensor_step_ms']:.1f} ms, "
-          f"real data {step['real_data_step_ms']:.1f} ms/step (x{step['data_overhead']:.2f}); "
-          f"{step['achieved_tflops']:.1f} TFLOP/s, MFU {mfu} of {step['peak']}")
-for row in (report["loaders"] or {}).get("rows", []):
-    print(f"loader {row['loader']:5} {row['split']:5} {row['setting']:30} {row['images_per_s']:9.0f} img/s")
-if report["optimizers"]:
-    print("optimizers:", json.dumps(report["optimizers"]))
-ddp = report["ddp"]
-if all(ddp.values()):
-    plain, one = (ddp[k]["examples_per_sec_compute"] for k in ("plain", "1rank"))
-    print(f"ddp (eager, compute-only): plain {plain:.0f}/s, 1-rank DDP {one:.0f}/s "
-          f"(wrapper cost {1 - one / plain:+.1%}); end-to-end {ddp['plain']['examples_per_sec']:.0f} "
-          f"vs {ddp['1rank']['examples_per_sec']:.0f}/s")
-print(f"JSON: {out / 'gpu_check.json'}")
-EOF
+note "total: $(( $(date +%s) - STARTED ))s (deadline ${BUDGET}s)"
+"${REPORT[@]}" --title "gpu_check summary (FINAL)"

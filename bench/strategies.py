@@ -3,7 +3,7 @@
     python bench/strategies.py sweep --batch-sizes 16,32 --image-sizes 64,128 --compile-modes off \\
         --out sweep.jsonl                     # every combination x every strategy, fastft vs reference
     python bench/strategies.py step-vs-data --device cuda --image-size 224 --batch-size 256 --amp bf16 \\
-        --compile --data DIR --out step.json  # is the data path the bottleneck? and finetune MFU
+        --compile --data DIR --strategy finetune,frozen --out step.json   # is the data path the bottleneck? MFU
     python bench/strategies.py optimizers --device cuda ... --out optim.json   # torch SGD vs apex FusedSGD
 
 `sweep` calls fastft.bench.run_bench once per combination: the reference reruns with each, so every
@@ -31,6 +31,9 @@ GFLOP_FWD_224 = 1.82  # ResNet-18 forward at 224 px, GMAC counted as GFLOP as th
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4),
                     ("A100", 312.0), ("L40S", 362.0))
 PRACTICAL_H100_TFLOPS = 790.0  # the issue's "in practice" figure for one H100
+# Step FLOP per example in forward passes: forward + backward (2x) where every layer trains; the
+# frozen step is the backbone's forward (its head's backward is ~0). Mixed strategies: not counted.
+FLOP_FACTOR = {"finetune": 3, "scratch": 3, "frozen": 1}
 
 
 def listed(text: str, cast=str) -> list:
@@ -68,10 +71,11 @@ def flat(row: dict) -> dict:
 
 
 def train_config(args, **overrides) -> TrainConfig:
-    values = dict(data=args.data, strategy=args.strategy, weights="none", device=args.device,
+    strategy = overrides.pop("strategy", args.strategy)
+    values = dict(data=args.data, strategy=strategy, weights="none", device=args.device,
                   image_size=args.image_size, batch_size=args.batch_size, amp=args.amp, compile=args.compile,
                   compile_mode=args.compile_mode, loader=args.loader, epochs=2, workers=args.workers,
-                  out=str(Path(args.work) / f"{args.strategy.replace(':', '-')}-{overrides.get('optimizer', 'sgd')}"))
+                  out=str(Path(args.work) / f"{strategy.replace(':', '-')}-{overrides.get('optimizer', 'sgd')}"))
     return TrainConfig(**{**values, **overrides})
 
 
@@ -83,30 +87,52 @@ def peak_tflops(device_name: str) -> tuple[float | None, str]:
 
 
 def step_vs_data(args) -> dict:
-    """The step on a fixed device batch vs the same engine's steady epoch on real data; finetune MFU."""
+    """One row per strategy in --strategy (comma-separated), each in a fresh Trainer, in that order.
+
+    --out is rewritten after every row, and a row that crashes holds its error instead, so a run
+    cut short or one failing strategy keeps the other figures.
+    """
+    import torch
+    rows = []
+    for strategy in listed(args.strategy):
+        torch._dynamo.reset()  # each strategy compiles and counts its own graphs
+        try:
+            rows.append(step_vs_data_row(args, strategy))
+        except Exception as exc:  # noqa: BLE001 - a bench row, not the engine: report and go on
+            rows.append({"strategy": strategy, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+        Path(args.out).write_text(json.dumps({"rows": rows}, indent=2) + "\n")  # a cut run keeps these
+    return {"rows": rows}
+
+
+def step_vs_data_row(args, strategy: str) -> dict:
+    """The step on a fixed device batch vs the same engine's steady epoch on real data; MFU."""
     from fastft.engine import Trainer
     with quiet():
-        trainer = Trainer(train_config(args)).setup()
+        trainer = Trainer(train_config(args, strategy=strategy)).setup()
     x, y = fixed_batch(trainer)
     device_s = seconds_per_step(ready_step(trainer), x, y, args.steps, warmup=3)
-    with quiet():  # epoch 1 warms workers (and compiles the ragged last batch); epoch 2 is timed
+    with quiet():  # epoch 1 warms workers and compile; epoch 2 is timed
         trainer.train_epoch(0)
         trainer.train_epoch(1)
     epoch = trainer.timings[-1]
     batch, size = y.shape[0], args.image_size
     real_s = epoch.wall_s / len(epoch.step_s)
-    flop_per_example = 3 * 2 * GFLOP_FWD_224 * 1e9 * (size / 224) ** 2  # fwd + 2x for bwd, 2 FLOP per MAC
     name = describe(trainer)
     peak, peak_label = peak_tflops(name)
-    achieved_tflops = batch / device_s * flop_per_example / 1e12
-    return {"device": name, "strategy": args.strategy, "batch": batch, "image_size": size, "loader": trainer.data.name,
+    factor = FLOP_FACTOR.get(strategy)
+    flop = None if factor is None else factor * 2 * GFLOP_FWD_224 * 1e9 * (size / 224) ** 2  # 2 FLOP per MAC
+    achieved = None if flop is None else batch / device_s * flop / 1e12
+    return {"device": name, "strategy": strategy, "batch": batch, "image_size": size, "loader": trainer.data.name,
             "amp": trainer.rt.amp_name, "compile": trainer.rt.compile, "steps_timed": args.steps,
             "device_tensor_step_ms": device_s * 1e3, "real_data_step_ms": real_s * 1e3,
             "real_data_compute_step_ms": statistics.median(epoch.step_s) * 1e3,
-            "data_overhead": real_s / device_s, "device_tensor_examples_per_sec": batch / device_s,
-            "real_data_examples_per_sec": epoch.examples / epoch.wall_s, "achieved_tflops": achieved_tflops,
-            "peak": peak_label, "mfu": None if peak is None else achieved_tflops / peak,
-            "of_practical_790": achieved_tflops / PRACTICAL_H100_TFLOPS if "H100" in name or "H200" in name else None}
+            "data_overhead": real_s / device_s, "data_share": max(0.0, 1 - device_s / real_s),
+            "device_tensor_examples_per_sec": batch / device_s,
+            "real_data_examples_per_sec": epoch.examples / epoch.wall_s, "achieved_tflops": achieved,
+            "peak": peak_label, "mfu": None if peak is None or achieved is None else achieved / peak,
+            "of_practical_790": achieved / PRACTICAL_H100_TFLOPS
+            if achieved is not None and ("H100" in name or "H200" in name) else None}
 
 
 def describe(trainer) -> str:
@@ -149,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--test-images", type=int, default=64)
     for mode in ("step-vs-data", "optimizers"):
         m = sub.add_parser(mode)
-        m.add_argument("--strategy", default="finetune")
+        m.add_argument("--strategy", default="finetune",
+                       help="step-vs-data: comma-separated, e.g. finetune,frozen; one row each")
         m.add_argument("--image-size", type=int, default=224)
         m.add_argument("--batch-size", type=int, default=256)
         m.add_argument("--amp", default="auto")
@@ -171,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "sweep":
         sweep(args)
         return 0
-    result = step_vs_data(args) if args.mode == "step-vs-data" else optimizers(args)
+    if args.mode == "step-vs-data":
+        result = step_vs_data(args)  # prints and writes each row as it comes
+        return 1 if any("error" in row for row in result["rows"]) else 0
+    result = optimizers(args)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
