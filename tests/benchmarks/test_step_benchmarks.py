@@ -2,15 +2,17 @@
 
 CI runs these once with --benchmark-disable (pytest.ini), so they cannot rot and never gate on
 absolute times; bench/README.md shows how to save a baseline and compare against it.
-Device: CPU, 32 px, batch 8 (conftest's make_cfg). `extra_info` carries examples/sec of both steps
-(median of a few steps each, measured the same way) and their ratio.
+Device: CPU, one torch thread, 32 px, batch 8 (conftest's make_cfg). `extra_info` carries
+examples/sec of both steps (medians over interleaved rounds, see conftest.py) and their ratio,
+`speedup_vs_reference`, which bench/compare.py gates on.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from fastft.bench import REFERENCE, STRATEGIES, fixed_batch, ready_step, seconds_per_step
+from fastft.bench import REFERENCE, STRATEGIES, fixed_batch, ready_step
 from fastft.engine import Trainer
 
 # fastft's own defaults; the loader takes no part in a step, so both variants build the cheap one.
@@ -23,24 +25,24 @@ def trainer_for(make_cfg, tmp_path, name: str, strategy: str, flags: dict):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_train_step(benchmark, make_cfg, tmp_path, strategy):
+def test_train_step(benchmark, pair, make_cfg, tmp_path, strategy):
     fast = trainer_for(make_cfg, tmp_path, "fastft", strategy, FASTFT)
     ref = trainer_for(make_cfg, tmp_path, "reference", strategy, REFERENCE_STEP)
     x, y = fixed_batch(fast)
     ref_x, ref_y = fixed_batch(ref)
-    # CI (disabled) only needs the numbers to exist: one step each, no warm-up, keeps it short.
-    steps, warmup = (1, 0) if benchmark.disabled else (5, 1)
-    fast_s = seconds_per_step(ready_step(fast), x, y, steps, warmup)
-    ref_s = seconds_per_step(ready_step(ref), ref_x, ref_y, steps, warmup)
+    step, measured = pair(ready_step(fast), ready_step(ref), (x, y), (ref_x, ref_y))
     batch = y.shape[0]
     benchmark.extra_info.update(
         strategy=strategy, batch=batch, image_size=fast.cfg.image_size, device=str(fast.rt.device),
-        examples_per_sec=batch / fast_s, reference_examples_per_sec=batch / ref_s, speedup_vs_reference=ref_s / fast_s)
+        threads=torch.get_num_threads(), ratio_rounds=measured.rounds,
+        examples_per_sec=batch / measured.measured_s, reference_examples_per_sec=batch / measured.reference_s,
+        speedup_vs_reference=measured.speedup,
+        speedup_vs_reference_cpu=measured.speedup_cpu)
 
     before = [p.detach().clone() for p in fast.model.parameters() if p.requires_grad]
-    loss, correct = benchmark(ready_step(fast), x, y)
+    loss, correct = benchmark(step, x, y)
     after = [p.detach() for p in fast.model.parameters() if p.requires_grad]
     # The timed call is a real step: finite loss, a count in range, and the trainable weights moved.
     assert loss.isfinite() and 0 <= int(correct) <= batch
     assert any(not (a == b).all() for a, b in zip(after, before))
-    assert fast_s > 0 and ref_s > 0
+    assert measured.measured_s > 0 and measured.reference_s > 0
