@@ -20,7 +20,8 @@
 #              against the d2l-style reference (fp32, NCHW, eager, torch loader) in the same call
 #   step       finetune and frozen: the engine's step on a fixed device batch vs its steady epoch on
 #              real data (the data path's share of the step), and MFU
-#   (slot)     issue 11's `--loader cached` stage goes here
+#   kernel     the cached loader's fused crop kernel against its torch reference and torchvision's loop
+#   step_torch step-vs-data again, fed by the torch loader: the d2l data path's share beside cached's
 #   rest       fastft bench, the other strategies (hotdog, scratch, partial:2)
 #   optim      torch SGD (fused) vs apex FusedSGD, when apex imports
 #   dali       DALI's pipeline against the torch loader, and dali_handoff (no buffer torch holds is
@@ -132,9 +133,14 @@ stage e2e 200 "$PY" -m fastft bench --data "$DATA" "${COMMON[@]}" --strategies f
 stage step 100 "$PY" bench/strategies.py step-vs-data --data "$DATA" "${COMMON[@]}" --steps "$STEPS" \
     --strategy finetune,frozen --work "$WORK/runs/step" --out "$WORK/step_vs_data.json"
 
-# --- SLOT (issue 11, --loader cached): kernel bench, then frozen and finetune end to end with
-# --loader cached against --loader torch; write $WORK/cached.json (bench/gpu_report.py reads it).
-# --- end of SLOT -------------------------------------------------------------------------------------
+# --- the cached loader (issue 11): the fused crop kernel against its torch reference, torchvision's
+# per-image loop (and DALI where it imports), then the same step-vs-data rows fed by the torch loader.
+# `auto` is the cached loader where it fits, so e2e and step above already ran on it: step_torch is the
+# d2l data path under the same step, and the two data shares side by side are the loader's gain.
+stage kernel 60 "$PY" bench/kernels.py --device "$DEVICE" --size "$SIZE" --batch "$BATCH" --iters 20 \
+    --json "$WORK/kernels.json"
+stage step_torch 100 "$PY" bench/strategies.py step-vs-data --data "$DATA" "${COMMON[@]}" --steps "$STEPS" \
+    --strategy finetune,frozen --loader torch --work "$WORK/runs/step_torch" --out "$WORK/step_vs_data_torch.json"
 
 # --- the rest: other strategies, apex, DALI, DDP ------------------------------------------------------
 stage rest 150 "$PY" -m fastft bench --data "$DATA" "${COMMON[@]}" --strategies hotdog,scratch,partial:2 \

@@ -33,6 +33,7 @@ def gather(work: Path, out: Path) -> dict:
     """Every stage's result found so far, under one dict (the content of gpu_check.json)."""
     benches = [b for b in (load(work / name) for name in BENCH_FILES) if b]
     step = load(work / "step_vs_data.json")
+    step_torch = load(work / "step_vs_data_torch.json")
     stages = out / "stages.txt"
     env = work / "env.txt"
     return {
@@ -41,9 +42,9 @@ def gather(work: Path, out: Path) -> dict:
         "bench": {"header": benches[0]["header"] if benches else None,
                   "complete": [b.get("complete") for b in benches],
                   "rows": [row for b in benches for row in b.get("rows", [])]},
-        "step_vs_data": (step or {}).get("rows", [step] if step else []),
-        # SLOT (issue 11, --loader cached): the kernel bench and cached-vs-torch end to end
-        "cached": load(work / "cached.json"),
+        "step_vs_data": [*(step or {}).get("rows", [step] if step else []),
+                         *(step_torch or {}).get("rows", [step_torch] if step_torch else [])],
+        "kernels": load(work / "kernels.json"),
         "optimizers": load(work / "optimizers.json"),
         "loaders": load(work / "loaders.json"),
         "dali_handoff": load(work / "dali_handoff.json"),
@@ -107,8 +108,10 @@ def other_lines(report: dict) -> list[str]:
     if hand:
         lines.append(f"dali handoff ({hand['device']}): {hand['batches']} batches held {hand['hold']} more, "
                      f"{hand['rewritten']} rewritten")
-    if report["cached"]:  # SLOT (issue 11): one line per figure of the cached loader's stage
-        lines.append("cached: " + json.dumps(report["cached"])[:300])
+    kernels = report["kernels"]
+    for row in (kernels or {}).get("rows", []):  # the cached loader's crop: kernel, reference, torchvision
+        lines.append(f"crop {row['method']:11} {row['images_per_s']:10.0f} img/s {row['gb_per_s']:7.2f} GB/s "
+                     f"({kernels['device']}, {kernels['args']['size']} px, batch {kernels['args']['batch']})")
     if report["optimizers"]:
         lines.append("optimizers: " + json.dumps(report["optimizers"]))
     ddp = report["ddp"]

@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from fastft.config import TrainConfig
 from fastft.errors import FastftError
 
 S = argparse.SUPPRESS  # options the user did not type stay out of the namespace
+IMPORTED_AT = time.perf_counter()  # a job's origin where /proc cannot say when the process started
 
 
 def add_train_parser(sub) -> None:
@@ -25,7 +27,11 @@ def add_train_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()
     p.add_argument("--data", help="ImageFolder DIR, 'synthetic', or omit for the hotdog set (default: download)")
-    p.add_argument("--strategy", help=f"finetune|frozen|hotdog|scratch|partial:K (default: {d.strategy})")
+    p.add_argument("--synth-train", type=int, help=f"images in the train split of --data synthetic "
+                   f"(default: {d.synth_train})")
+    p.add_argument("--synth-test", type=int, help=f"images in its test split (default: {d.synth_test})")
+    p.add_argument("--strategy", help=f"finetune|frozen|probe|hotdog|scratch|partial:K; probe = frozen without "
+                   f"augmentation, the head trained on features kept from epoch 1 (default: {d.strategy})")
     p.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"global batch, all processes (default: {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"step per summed-loss gradient (default: {d.lr})")
@@ -36,25 +42,38 @@ def add_train_parser(sub) -> None:
                    "(default), or mean, which needs lr x batch and weight decay / batch for the same step")
     p.add_argument("--weights", help="imagenet|none|PATH (default: imagenet, none for scratch)")
     p.add_argument("--image-size", type=int, help=f"px (default: {d.image_size})")
-    p.add_argument("--loader", choices=["auto", "dali", "torch"], help="(default: auto)")
+    p.add_argument("--loader", choices=["auto", "dali", "torch", "cached"],
+                   help="auto = cached where the decoded set fits --cache-gb, else dali if it imports, "
+                   "else torch (default: auto)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
                    help="auto = bf16 where the device has fast bf16, else fp32 (default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile (default: on for CUDA, off on CPU)")
+                   help="torch.compile on or off; untyped = auto: on when the job's steps x the time "
+                        "compile saves per step beat the compile's cost, cold or cached (default: auto)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="(default: on)")
     p.add_argument("--device", help="auto|cpu|cuda|cuda:N (default: auto)")
     p.add_argument("--out", help="run folder (default: runs/STRATEGY-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--save-every", type=int, help="epochs between checkpoints, written in the background; "
+                   f"the last epoch is always saved (default: {d.save_every})")
     p.add_argument("--seed", type=int, help=f"(default: {d.seed})")
     p.add_argument("--workers", type=int, help="DataLoader processes, or DALI CPU threads "
-                   "(default: min(4, cores) on CUDA, 0 on CPU)")
+                   "(default on CUDA: cores / processes per machine - 1, at most 16; 0 on CPU)")
+    p.add_argument("--uint8-batches", action=argparse.BooleanOptionalAction,
+                   help="torch loader: ship uint8 pixels and normalise on the device; --no-uint8-batches "
+                        "normalises fp32 in the workers, as d2l (default: on)")
     p.add_argument("--skip-bad", action="store_true", help="drop undecodable images at startup and say how many")
     p.add_argument("--decode-cache", choices=["auto", "on", "off"],
                    help="DALI: reuse decoded images after the first epoch (default: auto, when they fit)")
+    p.add_argument("--cache-gb", type=float, help="GB of device memory --loader cached may hold "
+                   "(default: 0 = 50%% of free device memory, or of available RAM on a CPU)")
+    p.add_argument("--cache-max-side", type=int, help="px: --loader cached keeps each train image "
+                   "with its longest side at most this, antialiased (default: 0 = full size)")
     p.add_argument("--optimizer", choices=["sgd", "apex-sgd"],
                    help="sgd = torch SGD, fused on CUDA; apex-sgd needs NVIDIA apex (default: sgd)")
     p.add_argument("--compile-mode", choices=["default", "max-autotune", "reduce-overhead"],
-                   help="torch.compile mode; reduce-overhead uses CUDA graphs (default: default)")
+                   help="torch.compile mode; reduce-overhead and max-autotune both use CUDA graphs "
+                        "(default: default)")
     p.add_argument("--fast-frozen", action=argparse.BooleanOptionalAction,
                    help="run frozen layers BN-folded in inference mode (default: on)")
     p.add_argument("--sync-bn", action="store_true",
@@ -99,9 +118,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=d.amp,
                    help="fastft variant (default: auto)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=d.compile,
-                   help="fastft variant (default: on for CUDA, off on CPU)")
+                   help="fastft variant (default: the engine's auto, see train --help)")
     p.add_argument("--compile-mode", choices=["default", "max-autotune", "reduce-overhead"], default=d.compile_mode)
-    p.add_argument("--loader", choices=["auto", "dali", "torch"], default=d.loader,
+    p.add_argument("--loader", choices=["auto", "dali", "torch", "cached"], default=d.loader,
                    help="fastft variant (default: auto)")
     p.add_argument("--optimizer", choices=["sgd", "apex-sgd"], default=d.optimizer, help="fastft variant")
     p.add_argument("--workers", type=int, default=d.workers, help="both variants (default: the engine's)")
@@ -121,10 +140,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from fastft.phases import process_start
+    job_start = process_start(fallback=IMPORTED_AT)  # summary.json's job_s counts from here
     from fastft.engine import train
 
     given = {k: v for k, v in vars(args).items() if k != "command"}
-    train(TrainConfig(**given), typed=frozenset(given))
+    train(TrainConfig(**given), typed=frozenset(given), job_start=job_start)
     return 0
 
 
@@ -167,11 +188,30 @@ def run_bench(args: argparse.Namespace) -> int:
     return bench_main(BenchSpec(**values, quiet=not args.verbose), args.json, args.plot)
 
 
+def exit_without_teardown(status: int) -> None:
+    """End a finished `fastft train` process now: non-daemon threads joined, atexit handlers run and
+    output flushed, as a normal exit does, but no teardown of the interpreter's modules, which with
+    torch and torchvision loaded costs ~1 s of CPU and 3-5 s of wall on a busy 2-core machine after
+    the summary is written (bench/job_ceiling.py). The run has closed its own files by then."""
+    import atexit
+    import threading
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     commands = {"train": run_train, "data": run_data, "predict": run_predict, "bench": run_bench}
     try:
-        return commands[args.command](args)
+        status = commands[args.command](args)
+        if argv is None and args.command == "train":  # the program itself, not a caller's main([...])
+            exit_without_teardown(status)
+        return status
     except FastftError as exc:
         print(f"fastft: error: {_rank_prefix()}{exc.one_line()}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastft.errors import ConfigError
 
-LOADERS = ("auto", "torch", "dali")
+LOADERS = ("auto", "torch", "dali", "cached")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LOSS_REDUCTIONS = ("sum", "mean")
 DECODE_CACHES = ("auto", "on", "off")
@@ -33,12 +33,15 @@ class TrainConfig:
     # --- data ---
     data: str = ""                 # "" = the hotdog set (downloaded once), "synthetic", or a DIR
     image_size: int = 224          # px, side of the square training crop
-    loader: str = "auto"           # auto | torch | dali
-    workers: int = -1              # DataLoader processes; -1 = min(4, cores) on CUDA, 0 on CPU
+    loader: str = "auto"           # auto | torch | dali | cached
+    workers: int = -1              # DataLoader processes; -1 = cores / processes - 1 (max 16) on CUDA, 0 on CPU
+    uint8_batches: bool = True     # torch loader: ship uint8, normalise on the device
     synth_train: int = 2000        # images, size of the "synthetic" train split
     synth_test: int = 800          # images, size of the "synthetic" test split
     skip_bad: bool = False         # drop undecodable files at startup (and say how many)
     decode_cache: str = "auto"     # DALI: keep decoded images after epoch 1; auto = when they fit
+    cache_gb: float = 0.0          # GB (2^30 bytes) of device memory for --loader cached; 0 = auto (50% of free)
+    cache_max_side: int = 0        # px, longest side kept by --loader cached; 0 = full size
 
     # --- model and strategy ---
     strategy: str = "finetune"     # finetune | frozen | hotdog | scratch | partial:K
@@ -57,8 +60,8 @@ class TrainConfig:
     # --- speed ---
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     amp: str = "auto"              # auto | bf16 | fp16 | off
-    compile: bool | None = None    # None = on for CUDA, off on CPU
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead = CUDA graphs
+    compile: bool | None = None    # None = auto: on when the job's steps repay the compile (compile_cache)
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead and max-autotune use CUDA graphs
     channels_last: bool = True
     fast_frozen: bool = True       # frozen layers: BN folded, inference mode, no autograd
     sync_bn: bool = False          # multi-process: BN statistics synced across ranks
@@ -67,6 +70,7 @@ class TrainConfig:
     # --- run bookkeeping ---
     out: str = ""                  # run folder; "" = runs/<strategy>-<time>
     resume: bool = False
+    save_every: int = 1            # epochs between checkpoints; the last epoch is always saved
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -83,6 +87,7 @@ def validate(cfg: TrainConfig) -> None:
     checks = [
         (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+        (cfg.save_every >= 1, f"--save-every must be at least 1 epoch, got {cfg.save_every}"),
         (cfg.image_size >= 32, f"--image-size must be at least 32 px, got {cfg.image_size}"),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (cfg.head_lr_mult > 0, f"--head-lr-mult must be positive, got {cfg.head_lr_mult}"),
@@ -91,6 +96,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.loader in LOADERS, f"--loader must be one of {LOADERS}, got {cfg.loader!r}"),
         (cfg.amp in AMP_MODES, f"--amp must be one of {AMP_MODES}, got {cfg.amp!r}"),
         (cfg.decode_cache in DECODE_CACHES, f"--decode-cache must be one of {DECODE_CACHES}, got {cfg.decode_cache!r}"),
+        (cfg.cache_gb >= 0, f"--cache-gb must be >= 0 (0 = auto), got {cfg.cache_gb}"),
+        (cfg.cache_max_side >= 0, f"--cache-max-side must be >= 0 px (0 = full size), got {cfg.cache_max_side}"),
         (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}"),
         (cfg.compile_mode in COMPILE_MODES,
          f"--compile-mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}"),

@@ -92,6 +92,39 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank takes rank `src`'s buffers of `module` (BN running statistics), in place.
+
+    What DDP does in its first forward after a training step (broadcast_buffers=True,
+    authoritative rank 0; torch/nn/parallel/distributed.py, `_sync_buffers`), made
+    explicit so that every rank makes it, including one with nothing to forward.
+    One broadcast per buffer dtype (float statistics, int64 batch counts); a
+    collective: every rank must call it, with the same module structure.
+    """
+    if not active():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        buffers = by_dtype[dtype]
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=src)
+        with torch.no_grad():
+            for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+                buffer.copy_(value.reshape(buffer.shape))
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is True on every process: a choice each process made from its own
+    machine (free memory, say) that all must make alike, or the job would split."""
+    if not active():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def from_main(obj):
     """Rank 0's value of a picklable object, on every rank."""
     if not active():

@@ -16,39 +16,48 @@ times use CUDA events. Only the main process (rank 0) prints and writes files.
 
 from __future__ import annotations
 
+import math
 import random
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastft import __version__, distributed
-from fastft.checkpoint import checkpoint_path, load_checkpoint, restore_rng, rng_state, save_atomic
+from fastft.checkpoint import CheckpointWriter, checkpoint_path, load_checkpoint, restore_rng, rng_state
+from fastft.compile_cache import compile_key, mark_warm, settle_compile
 from fastft.config import TrainConfig, validate
 from fastft.data import build_loaders, resolve_data_dir
-from fastft.data.layout import scan_dataset
+from fastft.data.layout import check_classes, scan_dataset
 from fastft.errors import CheckpointError, ConfigError
-from fastft.forward import Forward
+from fastft.fastpath import TrainFeatures
+from fastft.forward import Forward, compile_fallbacks
 from fastft.model import build_resnet18, load_matching, source_weights
 from fastft.optim import build_optimizer
+from fastft.phases import PhaseClock
 from fastft.report import Reporter
-from fastft.resources import compiled_graphs, peak_memory_mb, reset_peak_memory
+from fastft.resources import compiled_graphs, peak_memory, reset_peak_memory
 from fastft.rundir import adopt_saved_config, choose_run_dir
-from fastft.runtime import pick_device, resolve_runtime
+from fastft.runtime import cudnn_benchmark, pick_device, resolve_runtime
 from fastft.strategy import get_strategy
 from fastft.timing import EpochTiming, StepClock, steady_rates, sync
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, typed: frozenset[str] | None = None):
+    def __init__(self, cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None):
         self.cfg = cfg
+        # job_start: the process start (perf_counter scale) from the CLI; None = now (bench, library).
+        self.phases = PhaseClock(job_start)
         self.typed = typed  # options typed on the command line (None: all of cfg), for --resume
         self.start_epoch = 0
         self.timings: list[EpochTiming] = []
+        self.checkpoints = CheckpointWriter()  # one background write at a time
 
     # --- setup -------------------------------------------------------------------------
     def setup(self) -> "Trainer":
+        self.phases.setup_begins()
         validate(self.cfg)
         self.launch = distributed.launch_from_env()
         # The process group's backend follows the device typed now; a resumed run may record another.
@@ -60,18 +69,23 @@ class Trainer:
         warnings = []
         if saved:
             self.cfg, warnings = adopt_saved_config(self.cfg, saved["config"], self.typed)
+            if saved["epoch"] >= self.cfg.epochs:  # said before any data or model work
+                raise ConfigError(f"{self.run_dir} already finished {saved['epoch']} epochs; "
+                                  f"pass a larger --epochs to train on")
         self.rt = resolve_runtime(self.cfg, self.launch)
         self._check_distributed_settings()
         self.reporter = Reporter(self.run_dir, self.rt.is_main)
         for line in warnings:
             self.reporter.warn(line)
         self.strategy = get_strategy(self.cfg.strategy)  # a typo fails before any data work
-        reset_peak_memory(self.rt.device)
+        self.peak_reset = reset_peak_memory(self.rt.device)  # False: the peak covers earlier runs too
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
         with distributed.local_main_first(self.launch):  # one download per machine
-            self._setup_data()
+            self._scan_data()
             self._setup_model(saved)
+        self._build_data()  # outside: --loader auto's choice is agreed on by every process
+        self._set_cudnn_benchmark()
         self._setup_optimizer()
         if saved:
             self._restore(saved)
@@ -82,6 +96,15 @@ class Trainer:
         self.reporter.write_config({**self.cfg.to_dict(), "resolved": self._resolved()})
         return self
 
+    def _set_cudnn_benchmark(self) -> None:
+        """Set for every run (a bench process runs several): on where all train steps share a shape."""
+        sizes = self.data.train_batch_sizes()
+        self.cudnn_benchmark = cudnn_benchmark(self.rt.device, sizes)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        if self.rt.device.type == "cuda":
+            self.reporter.say(f"cudnn.benchmark {'on' if self.cudnn_benchmark else 'off'}: train batches of "
+                              f"{sorted(sizes)} image(s) per process")
+
     def _check_distributed_settings(self) -> None:
         if self.rt.distributed and self.rt.device.type != self.group_device:
             raise ConfigError(f"the resumed run uses --device {self.cfg.device}, but the processes joined a "
@@ -91,17 +114,30 @@ class Trainer:
             raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); "
                               "drop --sync-bn on CPU: BN statistics are then per process")
 
-    def _setup_data(self) -> None:
+    def _scan_data(self) -> None:
+        started = time.perf_counter()
         self.data_dir = resolve_data_dir(self.cfg)
         # --skip-bad decodes every file once, so no bad file can stop the run later.
         skip = self.cfg.skip_bad
         self.layout = scan_dataset(self.data_dir, full_decode=skip, progress=skip and self.rt.is_main,
                                    skip_bad=skip)
+        check_classes(self.layout)  # one class would train to loss 0 while learning nothing
         if self.layout.dropped:
             path, reason = self.layout.dropped[0]
             self.reporter.warn(f"--skip-bad: left out {len(self.layout.dropped)} bad file(s); "
                                f"the first, {path}: {reason}")
+        for line in self.layout.warnings:  # classes the test split lacks, empty test folders
+            self.reporter.warn(line)
+        self.scan_s = time.perf_counter() - started
+
+    def _build_data(self) -> None:
+        started = time.perf_counter()
+        # --compile auto weighs the work ahead, known from here on; the loaders need the answer.
+        self.rt, self.compile_reason = settle_compile(self.cfg, self.rt, len(self.layout.files["train"]),
+                                                      len(self.layout.files["test"]))
+        self.reporter.say(self.compile_reason)
         self.data = build_loaders(self.cfg, self.layout, self.rt)
+        self.phases.data_ready(self.scan_s + time.perf_counter() - started, getattr(self.data, "decode_s", 0.0))
         self.reporter.say(
             f"data {self.data_dir}: {self.data.train_size} train / {self.data.test_size} test images, "
             f"classes {list(self.data.classes)}, loader {self.data.name}")
@@ -109,14 +145,14 @@ class Trainer:
             self.reporter.say(line)
 
     def _setup_model(self, saved: dict | None) -> None:
-        model = build_resnet18(len(self.data.classes))
+        model = build_resnet18(len(self.layout.classes))
         if saved is None:  # a resumed run takes every tensor from its checkpoint, no download
             weights = self.cfg.weights or self.strategy.default_weights
             source, label = source_weights(weights)
             if source is not None:
                 for line in load_matching(model, source, label).lines():
                     self.reporter.say(line)
-            self.strategy.init_head(model, source, list(self.data.classes))
+            self.strategy.init_head(model, source, list(self.layout.classes))
         self.strategy.freeze(model)
         if self.cfg.sync_bn and self.rt.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -133,13 +169,28 @@ class Trainer:
 
     def _wrap_model(self) -> None:
         """The forward as it will run: frozen fast path, DDP, compile (built after any resume)."""
-        self.forward = Forward(self.model, self.strategy.frozen_stages, self.cfg.fast_frozen, self.rt,
+        keeps = self.strategy.keep_train_features  # its features come from the prefix: always split
+        self.forward = Forward(self.model, self.strategy.frozen_stages, self.cfg.fast_frozen or keeps, self.rt,
                                self.cfg.compile_mode)
+        self.train_features = self._train_features() if keeps else None
         if self.forward.prefix is not None:
             self.reporter.say(f"fast path: {self.strategy.frozen_stages} frozen stage(s) run BN-folded "
                               f"without autograd" + ("; test features computed once and kept"
                                                      if self.forward.cache is not None else ""))
-        self.graphs_before = compiled_graphs()
+        self.graphs_before, self.fallbacks_before = compiled_graphs(), compile_fallbacks()
+
+    def _train_features(self) -> TrainFeatures:
+        """Kept train features, for a strategy that keeps them (probe); filled in the first epoch."""
+        if not self.cfg.fast_frozen:
+            self.reporter.warn(f"--no-fast-frozen does not apply to --strategy {self.strategy.name}: "
+                               f"its kept features come from the BN-folded prefix")
+        rt = self.rt
+        kept = TrainFeatures(self.data.train_size, self.cfg.batch_size // rt.world_size, self.cfg.seed,
+                             rt.rank, rt.world_size, drop_ragged=rt.compile)
+        self.reporter.say(f"{self.strategy.name}: train images take the test transform (no augmentation); "
+                          f"their features are computed in the first epoch and kept, and every epoch trains "
+                          f"the head on them: {kept.steps} steps of {kept.batch} per process")
+        return kept
 
     def _restore(self, saved: dict) -> None:
         if list(saved["classes"]) != list(self.data.classes):
@@ -156,7 +207,9 @@ class Trainer:
         per_rank = saved.get("rng_per_rank") or [saved["rng"]]
         loaders = saved.get("loader_per_rank") or [None] * len(per_rank)
         if len(per_rank) == self.rt.world_size:
-            restore_rng(per_rank[self.rt.rank])
+            note = restore_rng(per_rank[self.rt.rank], self.rt.device)
+            if note:
+                self.reporter.warn(note)
             self.data.load_state_dict(loaders[self.rt.rank])
         else:
             self.reporter.warn(f"the run was saved by {len(per_rank)} processes and resumes with "
@@ -164,23 +217,26 @@ class Trainer:
 
     def _resolved(self) -> dict:
         return {"device": str(self.rt.device), "amp": self.rt.amp_name, "compile": self.rt.compile,
-                "workers": self.rt.workers, "world_size": self.rt.world_size,
+                "compile_reason": self.compile_reason, "workers": self.rt.workers, "world_size": self.rt.world_size,
                 "data_dir": str(self.data_dir), "loader": self.data.name,
-                "classes": list(self.data.classes), "fastft_version": __version__}
+                "classes": list(self.data.classes), "cudnn_benchmark": self.cudnn_benchmark,
+                "fastft_version": __version__}
 
     # --- the hot loop ------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(self.rt.device, non_blocking=True, memory_format=self.rt.memory_format)
-        return x, y.to(self.rt.device, non_blocking=True)
+        """One call per batch: the backend knows its batches (uint8 pixels are normalised there)."""
+        return self.data.to_device(x, y)
 
     def _autocast(self):
         dtype = self.rt.amp_dtype
         return torch.autocast(self.rt.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One SGD step; returns this batch's summed loss and correct count, on the device."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, features: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step; returns this batch's summed loss and correct count, on the device.
+        `features`: x is kept (N, 512) features of the frozen backbone, and the head alone runs."""
         with self._autocast():
-            logits = self.forward(x)
+            logits = self.forward.head(x) if features else self.forward(x)
         losses = F.cross_entropy(logits.float(), y, reduction="none")
         loss = losses.sum() if self.cfg.loss_reduction == "sum" else losses.mean()
         if self.cfg.loss_reduction == "sum":
@@ -198,13 +254,12 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         clock, examples, first_batch, first_step_wall = StepClock(device), 0, 0, 0.0
-        batches = self.reporter.progress(self.data.train_batches(epoch), self.data.steps_per_epoch(),
-                                         f"epoch {epoch + 1}/{self.cfg.epochs}")
+        source, steps = self._train_source(epoch)
+        batches = self.reporter.progress(source, steps, f"epoch {epoch + 1}/{self.cfg.epochs}")
         start = time.perf_counter()
         for x, y in batches:
-            x, y = self._to_device(x, y)
             clock.start()
-            batch_loss, batch_correct = self.train_step(x, y)
+            batch_loss, batch_correct = self.train_step(x, y, features=self.train_features is not None)
             clock.stop()
             loss_sum += batch_loss
             correct += batch_correct
@@ -217,8 +272,30 @@ class Trainer:
         total_loss, total_correct, total = self._sum_over_ranks(loss_sum, correct, examples)
         self.timings.append(EpochTiming(int(total), wall, clock.durations_s(),
                                         first_batch * self.rt.world_size, first_step_wall))
+        # The first batch's wait (loader start, first decode, copy to the device) = the first step's
+        # wall from the epoch start less the step itself: no clock reading in the loop.
+        first_wait = first_step_wall - self.timings[-1].step_s[0]
+        self.phases.train_epoch(wall, first_wait, first=epoch == self.start_epoch)
         return {"train_loss": total_loss / total, "train_acc": total_correct / total,
                 "examples": int(total), "epoch_s": wall}
+
+    def _train_source(self, epoch: int) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor]], int]:
+        """(batches on the device, steps per process) for one epoch: the backend's augmented
+        batches, or, with kept train features, this epoch's shuffled features."""
+        if self.train_features is None:
+            batches = self.data.train_batches(epoch)
+            return (self._to_device(x, y) for x, y in batches), self.data.steps_per_epoch()
+        return self._kept_feature_batches(epoch), self.train_features.steps
+
+    def _kept_feature_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first call (of a run, or after a resume) fills the features: one forward pass over
+        the train split through the test transform, inside the epoch's wall time."""
+        if not self.train_features.ready:
+            source = self.data.train_eval_batches()
+            batches = self.reporter.progress(source, len(source), "train features")
+            with self._autocast():
+                self.train_features.fill((self._to_device(x, y) for x, y in batches), self.forward.features)
+        yield from self.train_features.epoch_batches(epoch)
 
     def _sum_over_ranks(self, *values) -> list[float]:
         """Per-process totals summed over all processes: the epoch's one read of device values."""
@@ -227,8 +304,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, int]:
-        """Test accuracy over every test image, each counted once over all processes."""
+        """Test accuracy over every test image, each counted once over all processes.
+
+        Every process makes the same collectives (a buffer broadcast, then one all-reduce),
+        whether or not it holds a test batch: a skipped collective would stall the others.
+        """
         self.model.eval()
+        self.forward.sync_for_evaluation()
         cache = self.forward.cache
         if cache is not None and cache.ready:  # a frozen backbone: the head alone on kept features
             counts = self.forward.cached_accuracy((), self._autocast)
@@ -246,7 +328,7 @@ class Trainer:
         count = torch.zeros((), dtype=torch.int64, device=self.rt.device)
         for x, y in batches:
             with self._autocast():
-                logits = self.forward(x)
+                logits = self.forward.evaluate(x)
             correct += (logits.argmax(dim=1) == y).sum()
             count += y.shape[0]
         return correct, count
@@ -255,27 +337,63 @@ class Trainer:
     def fit(self) -> dict:
         started = time.perf_counter()
         record, graphs_after_warmup = None, None
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-            record["test_acc"], record["test_examples"] = self.evaluate()
-            graphs_after_warmup = compiled_graphs() if graphs_after_warmup is None else graphs_after_warmup
-            timing = self.timings[-1]
-            record["examples_per_sec"] = timing.examples / timing.wall_s
-            record["examples_per_sec_compute"] = timing.examples / sum(timing.step_s)
-            self.save_checkpoint(epoch + 1)  # before the metrics line, so resume never duplicates one
-            self.reporter.append_metrics(record)
-            self.reporter.epoch_lines(record, self.cfg.epochs, str(self.rt.device))
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+                self._stop_if_diverged(epoch, record["train_loss"])  # before this epoch's checkpoint
+                with self.phases.timed("eval"):
+                    record["test_acc"], record["test_examples"] = self.evaluate()
+                graphs_after_warmup = compiled_graphs() if graphs_after_warmup is None else graphs_after_warmup
+                timing = self.timings[-1]
+                record["examples_per_sec"] = timing.examples / timing.wall_s
+                record["examples_per_sec_compute"] = timing.examples / sum(timing.step_s)
+                if self._checkpoint_due(epoch + 1):
+                    # Written in the background; a metrics line ahead of the checkpoint on disk is
+                    # dropped on resume (keep_metrics_up_to), so resume never duplicates one.
+                    # The last is written at once: the run would only wait for it, after a CPU copy.
+                    with self.phases.timed("checkpoints"):
+                        self.save_checkpoint(epoch + 1, background=epoch + 1 < self.cfg.epochs)
+                self.reporter.append_metrics(record)
+                self.reporter.epoch_lines(record, self.cfg.epochs, str(self.rt.device))
+        finally:  # success, an error or Ctrl-C: the write in flight lands before the run reports
+            with self.phases.timed("checkpoints"):  # the last write's wait is the job's too
+                self.checkpoints.wait()
         if record is None:
             raise ConfigError(f"{self.run_dir} already finished {self.start_epoch} epochs; "
                               f"pass a larger --epochs to train on")
         summary = self._summary(record, time.perf_counter() - started, graphs_after_warmup)
+        summary["job_s"], summary["phases_s"] = self.phases.split(summary["compile_s"])
+        if self.rt.compile and self.rt.is_main:  # the next run of this configuration compiles warm
+            mark_warm(compile_key(self.cfg, self.rt))
         self.reporter.write_summary(summary)
         self.reporter.final_lines(summary)
         return summary
 
-    def save_checkpoint(self, epochs_done: int) -> None:
+    def _stop_if_diverged(self, epoch: int, loss: float) -> None:
+        """Stop with one line when the epoch's train loss (read once per epoch, the same on every
+        process) is NaN or infinite: every later step would train on NaN weights, and saving them
+        would overwrite the last good checkpoint."""
+        if math.isfinite(loss):
+            return
+        saved = [e for e in range(self.start_epoch + 1, epoch + 1) if self._checkpoint_due(e)]
+        last = saved[-1] if saved else self.start_epoch
+        kept = (f"the last good checkpoint (epoch {last}) is kept" if last else
+                "no checkpoint was written")
+        raise ConfigError(f"epoch {epoch + 1}: train loss is {loss}; {kept}; lower --lr (now {self.cfg.lr:g}), "
+                          f"or check --weights and the data for NaN values")
+
+    def _checkpoint_due(self, epochs_done: int) -> bool:
+        """Every --save-every epochs, and always after the last; the same answer on every process."""
+        return epochs_done % self.cfg.save_every == 0 or epochs_done == self.cfg.epochs
+
+    def save_checkpoint(self, epochs_done: int, background: bool = False) -> None:
+        """Save the run after `epochs_done` epochs; every process must call it (it gathers RNG states).
+
+        background=True returns once a CPU copy is taken (after any write still in flight) and
+        writes on the writer's thread; `self.checkpoints.wait()` blocks until it has landed.
+        """
         # Every process's random stream and loader position, for an exact resume.
-        rngs = distributed.gather_to_all(rng_state())
+        rngs = distributed.gather_to_all(rng_state(self.rt.device))
         loaders = distributed.gather_to_all(self.data.state_dict())
         if not self.rt.is_main:
             return
@@ -283,7 +401,7 @@ class Trainer:
                  "scaler": self.scaler.state_dict(), "epoch": epochs_done, "rng": rngs[0],
                  "rng_per_rank": rngs, "loader_per_rank": loaders, "config": self.cfg.to_dict(), "classes": list(self.data.classes),
                  "world_size": self.rt.world_size, "fastft_version": __version__}
-        save_atomic(state, checkpoint_path(self.run_dir))
+        self.checkpoints.save(state, checkpoint_path(self.run_dir), background)
 
     def _replicas_identical(self) -> bool:
         """DDP keeps replicas equal; a silent divergence would make rank 0's checkpoint a lie."""
@@ -293,22 +411,27 @@ class Trainer:
         return all(p == prints[0] for p in prints)
 
     def _summary(self, last: dict, wall_s: float, graphs_after_warmup: int) -> dict:
-        graphs = compiled_graphs()
+        graphs, fallbacks = compiled_graphs(), compile_fallbacks() - self.fallbacks_before
         return {
             "strategy": self.cfg.strategy, "epochs": last["epoch"],
             "train_loss": last["train_loss"], "train_acc": last["train_acc"],
             "test_acc": last["test_acc"], "test_examples": last["test_examples"],
             **steady_rates(self.timings, self.rt.compile),
-            "compiled_graphs": graphs - self.graphs_before, "recompiles": graphs - graphs_after_warmup,
-            "peak_mem_mb": peak_memory_mb(self.rt.device),
+            # A frame Dynamo declined (the recompile limit) runs eagerly and adds no graph: it counts
+            # as a recompile, and on its own as an eager fallback.
+            "compiled_graphs": graphs - self.graphs_before, "recompiles": graphs - graphs_after_warmup + fallbacks,
+            "eager_fallbacks": fallbacks,
+            **peak_memory(self.rt.device, self.data.name, self.peak_reset),  # peak_mem_mb, what it covers
             "world_size": self.rt.world_size, "replicas_identical": self._replicas_identical(),
             "device": str(self.rt.device), "loader": self.data.name,
             "amp": self.rt.amp_name, "compile": self.rt.compile, "channels_last": self.rt.channels_last,
             "batch_size": self.cfg.batch_size, "image_size": self.cfg.image_size, "wall_s": wall_s,
+            **getattr(self.data, "cache_stats", dict)(),  # --loader cached: cache_mb, cache_decode_s
         }
 
 
-def train(cfg: TrainConfig, typed: frozenset[str] | None = None) -> dict:
-    summary = Trainer(cfg, typed).setup().fit()
+def train(cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None) -> dict:
+    """One run; `job_start` (perf_counter scale) is where summary.json's job_s counts from."""
+    summary = Trainer(cfg, typed, job_start).setup().fit()
     distributed.stop()
     return summary

@@ -17,15 +17,18 @@ Linear saves its input for backward, and an inference tensor cannot be saved.
 
 For the frozen backbone (K = 5) the test transform is deterministic, so the test
 features are the same every epoch: `FeatureCache` computes them once, and later
-evaluations run the head alone.
+evaluations run the head alone. `--strategy probe` keeps the train features too
+(`TrainFeatures`): its train images take the test transform.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,6 +84,26 @@ def fold_all_bn(module: nn.Module) -> int:
     return count
 
 
+class FrozenPrefix(nn.Sequential):
+    """The frozen prefix. Its own class with its own `forward`, so its own code object:
+    Dynamo keeps graphs, guards and the recompile limit per code object, and every
+    plain nn.Sequential shares nn.Sequential.forward's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self:
+            x = module(x)
+        return x
+
+
+class TrainableSuffix(nn.Sequential):
+    """The trainable suffix (the model's own modules); its own `forward` for the same reason."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for module in self:
+            x = module(x)
+        return x
+
+
 @dataclass
 class SplitForward:
     """prefix (frozen, folded, no grad; None when nothing is frozen) then suffix (the model's own modules)."""
@@ -119,10 +142,10 @@ def _suffix_names(frozen_stages: int) -> list[str]:
 def split_for_training(model: nn.Module, frozen_stages: int, fold: bool = True) -> SplitForward:
     """Split torchvision's ResNet forward after the last frozen stage.
 
-    prefix: deep copies of the frozen modules (and relu/maxpool after the stem; for
+    prefix: FrozenPrefix of deep copies of the frozen modules (and relu/maxpool after the stem; for
     K = 5 also avgpool + flatten, so it returns the (N, 512) features), BN folded when
     `fold`, eval mode, requires_grad False; on the model's device and layout.
-    suffix: nn.Sequential of the model's OWN remaining modules, so the optimizer, the
+    suffix: TrainableSuffix of the model's OWN remaining modules, so the optimizer, the
     checkpoint and DDP keep seeing the same parameters. suffix(prefix(x)) == model(x)
     with the frozen modules in eval mode.
     """
@@ -132,13 +155,13 @@ def split_for_training(model: nn.Module, frozen_stages: int, fold: bool = True) 
     suffix_modules = [getattr(model, name) for name in _suffix_names(frozen_stages)]
     if frozen_stages < len(STAGES):
         suffix_modules += tail
-    suffix = nn.Sequential(*suffix_modules, getattr(model, HEAD))
+    suffix = TrainableSuffix(*suffix_modules, getattr(model, HEAD))
     if frozen_stages == 0:
         return SplitForward(None, suffix, 0)
     prefix_modules = [copy.deepcopy(getattr(model, name)) for name in _prefix_names(frozen_stages)]
     if frozen_stages == len(STAGES):
         prefix_modules += [copy.deepcopy(m) for m in tail]
-    prefix = nn.Sequential(*prefix_modules)
+    prefix = FrozenPrefix(*prefix_modules)
     if fold:
         fold_all_bn(prefix)
     prefix.eval().requires_grad_(False)
@@ -166,11 +189,16 @@ class FeatureCache:
 
     def fill(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              prefix_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Run `prefix_fn` over (x, y) batches already on the device (and under the caller's autocast)."""
+        """Run `prefix_fn` over (x, y) batches already on the device (and under the caller's autocast).
+
+        Each output is copied before it is kept: a compiled prefix under CUDA graphs
+        (--compile-mode reduce-overhead or max-autotune) returns a buffer that its next
+        replay overwrites, so keeping the output itself would keep the last batch N times.
+        """
         kept = []
         with torch.no_grad():
             for x, y in batches:
-                kept.append((prefix_fn(x).detach(), y))
+                kept.append((prefix_fn(x).detach().clone(), y.clone()))
         self._batches = kept
 
     def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -198,3 +226,72 @@ def cached_accuracy(cache: FeatureCache, head_fn: Callable[[torch.Tensor], torch
             correct += (head_fn(features).argmax(dim=1) == y).sum()
             count += y.shape[0]
     return correct, count
+
+
+class TrainFeatures:
+    """This process's train features (N, 512) and labels (N,), computed once and kept on the
+    device; each epoch serves them in a fresh shuffled order (`--strategy probe`).
+
+    Valid for the same reasons as FeatureCache: the frozen weights never train, and the train
+    images come through the test transform (the backend's `train_eval_batches()`), which is
+    deterministic. Under DDP each process keeps the shard it computed and shuffles it alone:
+    the features never move, and DDP all-reduces the head's gradients as in any step.
+
+    Equal steps everywhere: DDP's all-reduce runs in every step, so a process with one step
+    fewer would leave the others waiting until --dist-timeout. Each process serves
+    ceil(N / world) rows per epoch (the largest shard): a smaller shard repeats the first rows
+    of its own shuffled order, as DistributedSampler pads the loaders' shards, and those rows
+    count twice in the loss and the metrics, as there. Batches are `batch` rows; the ragged
+    last one is dropped with `drop_ragged` (set when compiling: one shape per step), unless it
+    is the only one.
+    """
+
+    def __init__(self, train_size: int, batch: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_ragged: bool = False):
+        self.rows = math.ceil(train_size / world_size)  # served per epoch by every process
+        self.batch, self.seed, self.rank = batch, seed, rank
+        drop = drop_ragged and self.rows >= batch
+        self.steps = self.rows // batch if drop else math.ceil(self.rows / batch)
+        self.features: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.features is not None
+
+    def fill(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             prefix_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Run `prefix_fn` over (x, y) batches already on the device (under the caller's autocast)
+        and keep the outputs, in their dtype. Raises RuntimeError when the batches hold more
+        images than this process's share or none at all."""
+        cache = FeatureCache()  # copies each output: see FeatureCache.fill
+        cache.fill(batches, prefix_fn)
+        kept = cache.batches()
+        if not 0 < cache.examples <= self.rows:
+            raise RuntimeError(f"train features: {cache.examples} images for a share of 1..{self.rows}")
+        self.features = torch.cat([f for f, _ in kept])
+        self.labels = torch.cat([y for _, y in kept])
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """int64 (steps x batch or fewer,) row indices for `epoch`, on the CPU: a permutation of
+        this shard from (seed, epoch, rank) only, so a resumed run draws the same, padded to
+        `rows` with its own first entries and cut to the steps taken."""
+        generator = torch.Generator().manual_seed(feature_order_seed(self.seed, epoch, self.rank))
+        n = self.labels.shape[0]
+        perm = torch.randperm(n, generator=generator)
+        return perm.repeat(math.ceil(self.rows / n))[: min(self.rows, self.steps * self.batch)]
+
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`steps` (features, labels) batches on the device; one host-to-device copy per epoch."""
+        if self.features is None:
+            raise RuntimeError("TrainFeatures.epoch_batches() before fill()")
+        order = self.order(epoch).to(self.features.device, non_blocking=True)
+        for start in range(0, order.shape[0], self.batch):
+            rows = order[start: start + self.batch]
+            yield self.features[rows], self.labels[rows]
+
+
+def feature_order_seed(seed: int, epoch: int, rank: int) -> int:
+    """A 63-bit seed per (run seed, epoch, process) for the kept features' order (numpy's
+    SeedSequence mixes the three, so no two triples share a stream by arithmetic accident)."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1)

@@ -6,6 +6,18 @@
 With `--no-fast-frozen` (the reference) the whole model runs as one module, its
 frozen layers in eval mode with requires_grad False. With the fast path, a
 frozen backbone's test features are computed once and kept (see FeatureCache).
+
+Compile: each piece is its own class (FrozenPrefix, TrainableSuffix, or the
+model), so its own forward code object: Dynamo keeps graphs, guards and the
+recompile limit per code object. Shapes are fixed (dynamic=False): a training
+run meets one train shape and at most two test shapes, and a graph made for
+symbolic sizes would serve them all more slowly.
+
+Evaluation never runs through DDP. DDP's first forward after a training step
+broadcasts BN buffers from rank 0, a collective: a process with no test batch
+would never join it and the others would wait until --dist-timeout. Instead
+every process takes rank 0's buffers in one explicit broadcast (the same
+values DDP would give), then evaluates the unwrapped module.
 """
 
 from __future__ import annotations
@@ -13,30 +25,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastft import distributed
 from fastft.fastpath import FeatureCache, caches_features, cached_accuracy, split_for_training
 from fastft.runtime import Runtime
 
 
 class Forward:
+    """The run's forward: `forward(x)` for a training step, `evaluate(x)` for test batches."""
+
     def __init__(self, model: nn.Module, frozen_stages: int, fast_frozen: bool, rt: Runtime,
                  compile_mode: str = "default"):
-        self.prefix, trainable = None, model
+        self.prefix, local = None, model
         if fast_frozen and frozen_stages > 0:
             split = split_for_training(model, frozen_stages).to(rt.device, memory_format=rt.memory_format)
-            self.prefix, trainable = split.prefix, split.suffix
+            self.prefix, local = split.prefix, split.suffix
+        self.local = local  # the trained piece without DDP: its buffers are what DDP would broadcast
+        wrapped = local
         if rt.distributed:
             # DDP reduces only parameters that require grad: a frozen backbone costs no traffic.
             device_ids = [rt.device.index] if rt.device.type == "cuda" else None
-            trainable = nn.parallel.DistributedDataParallel(trainable, device_ids=device_ids)
-        self.trainable = self._compiled(trainable, rt, compile_mode)
-        self.frozen = self._compiled(self.prefix, rt, compile_mode) if self.prefix is not None else None
+            wrapped = nn.parallel.DistributedDataParallel(local, device_ids=device_ids)
+        self.trainable = _compiled(wrapped, rt, compile_mode)
+        self.evaluating = _compiled(local, rt, compile_mode) if rt.distributed else self.trainable
+        self.frozen = _compiled(self.prefix, rt, compile_mode) if self.prefix is not None else None
         self.cache = FeatureCache() if self.prefix is not None and caches_features(frozen_stages) else None
-
-    @staticmethod
-    def _compiled(module: nn.Module, rt: Runtime, mode: str):
-        if not rt.compile:
-            return module
-        return torch.compile(module, mode=None if mode == "default" else mode)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen prefix's output (no graph), or x itself when nothing runs apart."""
@@ -46,7 +58,24 @@ class Forward:
             return self.frozen(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Training: logits through the DDP wrapper (when distributed), with grads for the suffix."""
         return self.trainable(self.features(x))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Training logits from features the prefix made earlier (kept train features): the
+        suffix alone, through the DDP wrapper; equal to `self(x)` for the x they came from."""
+        return self.trainable(features)
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        """Test logits, never through DDP: no collective per batch. Call `sync_for_evaluation` first."""
+        return self.evaluating(self.features(x))
+
+    def sync_for_evaluation(self) -> None:
+        """Every process takes rank 0's buffers (BN running statistics): all evaluate one model.
+
+        A collective: every process calls it once per evaluation, with or without test batches.
+        """
+        distributed.broadcast_buffers(self.local)
 
     def cached_accuracy(self, batches, autocast) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(correct, count) on the device from kept test features; None when not kept.
@@ -58,4 +87,26 @@ class Forward:
         with autocast():
             if not self.cache.ready:
                 self.cache.fill(batches, self.features)
-            return cached_accuracy(self.cache, self.trainable)
+            return cached_accuracy(self.cache, self.evaluating)
+
+
+def _compiled(module: nn.Module, rt: Runtime, mode: str):
+    if not rt.compile:
+        return module
+    return torch.compile(module, mode=None if mode == "default" else mode, dynamic=False)
+
+
+# The graph-break type torch._dynamo gives a refused recompile (torch/_dynamo/convert_frame.py).
+RECOMPILE_LIMIT_HIT = "Dynamo recompile limit exceeded"
+
+
+def compile_fallbacks() -> int:
+    """Frames Dynamo refused to recompile in this process so far; they then run eagerly.
+
+    A code object that reaches torch._dynamo.config.recompile_limit (8) runs eagerly
+    from then on, with a warning and no new graph, so a graph count alone reads as
+    "no recompiles". Only this reason counts: under DDP, Dynamo declines some of
+    DDP's own frames (a generator, functions it skips) on every run, by design.
+    """
+    from torch._dynamo.utils import counters
+    return sum(n for reason, n in counters["unimplemented"].items() if reason.startswith(RECOMPILE_LIMIT_HIT))

@@ -14,6 +14,7 @@ import math
 import re
 import sys
 import urllib.error
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,10 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # torch names the refused global as "GLOBAL a.b.C was not an allowed global" or
 # "GLOBAL a.b whose module a is blocked".
 REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module)")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+# torch.save(_use_new_zipfile_serialization=False): a pickle (protocol 2) of torch's MAGIC_NUMBER first.
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+WEIGHT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".safetensors")
 
 
 def build_resnet18(num_classes: int) -> nn.Module:
@@ -91,26 +96,77 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     backbone's tensors matching by name and shape.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)[:3]
+        found_here = f" (found: {', '.join(inside)})" if inside else ""
+        raise WeightsError(f"{path}: is a directory; pass the weights file inside it{found_here}")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     obj = _load_weights_only(path)
     shapes = resnet18_shapes()
     found = locate_state_dict(obj, shapes)
     if found is None:
-        raise WeightsError(f"{path}: not a state_dict (expected a dict of tensors, got {type(obj).__name__})")
+        raise WeightsError(f"{path}: {_no_tensors(obj)}")
     _check_backbone_share(path, found, shapes)
     state = {name: tensor for name, (_, tensor) in found.entries.items()}
     return state, _label(path, found, shapes)
 
 
+def _no_tensors(obj: object) -> str:
+    if isinstance(obj, dict) and not obj:
+        return "holds an empty dict, no tensors"
+    if isinstance(obj, dict):
+        keys = ", ".join(map(str, list(obj)[:4]))
+        return f"not a state_dict (a dict without tensors; keys: {keys}{', ...' if len(obj) > 4 else ''})"
+    return f"not a state_dict (expected a dict of tensors, got {type(obj).__name__})"
+
+
 def _load_weights_only(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path)
     except Exception as exc:  # torch raises many types for a bad pickle or zip
-        refused, reason = load_error_reason(exc)
-        if refused:
-            raise WeightsError(refused_global_message(path, refused)) from exc
-        raise WeightsError(f"{path}: not a readable PyTorch weights file ({reason})") from exc
+        raise WeightsError(load_failure(path, exc)) from exc
+
+
+def load_weights_only(path: Path) -> object:
+    """torch.load(path, CPU, weights_only=True), without torch's multi-line warning about the
+    pickle protocol of a file that is not torch's (the failure that follows says more)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_failure(path: Path, exc: BaseException, what: str = "") -> str:
+    """One plain line for a failed load_weights_only(path): a refused global (refused_global_message),
+    else `PATH: REASON`, or `PATH: unreadable WHAT (REASON)` when `what` is given. REASON is what the
+    first bytes say: an empty file, a truncated zip, a file torch.save did not write."""
+    refused, reason = load_error_reason(exc)
+    if refused:
+        return refused_global_message(path, refused)
+    reason = _unreadable_reason(path, reason, what or "weights file")
+    return f"{path}: unreadable {what} ({reason})" if what else f"{path}: {reason}"
+
+
+def _unreadable_reason(path: Path, reason: str, kind: str) -> str:
+    """Why torch.load failed, judged by the file's first bytes; torch's own reason (its first
+    sentence) only where the file is one of its formats."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LEGACY_MAGIC))
+    except OSError as exc:
+        return f"cannot read file ({exc.strerror or exc})"
+    first = reason.split(". ")[0].rstrip(".")
+    if path.suffix == ".safetensors":
+        return f"not a readable .safetensors file ({first})"
+    if not head:
+        return "empty file"
+    if head.startswith(ZIP_MAGIC):
+        detail = first.split(": ", 1)[-1] if "zip archive" in first else first
+        return f"truncated or corrupt zip archive ({detail})"
+    if head.startswith(LEGACY_MAGIC):
+        return f"truncated or corrupt PyTorch file ({first})"
+    expected = "torch.save zip or a .safetensors file" if kind == "weights file" else "a torch.save zip"
+    return f"not a PyTorch {kind} ({expected} expected)"
 
 
 def load_error_reason(exc: BaseException) -> tuple[str | None, str]:
@@ -254,12 +310,15 @@ def _check_backbone_share(path: Path, found: Found, shapes: dict[str, torch.Size
             continue  # the head's shape depends on the class count, so it proves nothing here
         own = f" vs {_dims(shapes[name])}" if name in shapes else ", not in ResNet-18"
         unmatched.append(f"{key} ({_dims(tensor.shape)}{own})")
-    unmatched = unmatched or [f"{key} (the head)" for key, _ in found.entries.values()]
+    # Backbone names the file lacks altogether (a cut-short or partial file matches all it has).
+    missing = [name for name in backbone if name not in found.entries]
+    parts = [f"{label}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+             for label, names in (("unmatched keys", unmatched), (f"missing {len(missing)}", missing)) if names]
     where = f" in {_where(found)}" if found.container else ""
     raise WeightsError(
         f"{path}: only {found.score} of ResNet-18's {len(backbone)} backbone tensors match by name and "
         f"shape{where} (at least {needed} needed, else most of the network would start at random); "
-        f"unmatched keys: {', '.join(unmatched[:4])}{', ...' if len(unmatched) > 4 else ''}")
+        f"{'; '.join(parts)}")
 
 
 def _dims(shape: torch.Size) -> str:
@@ -309,8 +368,20 @@ def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     if not matched:
         sample = ", ".join(list(state)[:3])
         raise WeightsError(f"{source}: no tensor matches ResNet-18 by name and shape (the file has {sample}, ...)")
+    _check_finite(matched, source)
     model.load_state_dict(matched, strict=False)
     return report
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN or infinite values in any tensor about to be loaded: one NaN weight makes every
+    loss NaN from the first step, and the run would otherwise train on to the end in silence."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() or tensor.is_complex():
+            bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+            if bad:
+                raise WeightsError(f"{source}: tensor {name} holds {bad} NaN or infinite value(s) of "
+                                   f"{tensor.numel()}; the file comes from a run that diverged or is damaged")
 
 
 def source_weights(spec: str) -> tuple[dict[str, torch.Tensor] | None, str]:

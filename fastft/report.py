@@ -15,6 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from fastft.phases import phases_line
+
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -81,4 +83,9 @@ class Reporter:
         self.say(f"{summary['examples_per_sec']:.1f} examples/sec end-to-end, "
                  f"{summary['examples_per_sec_compute']:.1f} examples/sec compute-only "
                  f"on [{summary['device']}] ({summary['timed']}; compile {summary['compile_s']:.1f} s)")
+        if summary.get("eager_fallbacks"):  # the rates above are partly eager, not compiled
+            self.warn(f"{summary['eager_fallbacks']} compiled frame(s) hit Dynamo's recompile limit and ran "
+                      f"eager; see recompiles in summary.json")
+        if "phases_s" in summary:  # where the job's wall time went (fastft.phases)
+            self.say(phases_line(summary["job_s"], summary["phases_s"]))
         self.say(f"run folder: {self.run_dir}")

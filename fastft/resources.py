@@ -15,7 +15,6 @@ Peak memory is what can be measured, labelled with what it covers
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -55,11 +54,6 @@ def reset_peak_memory(device: torch.device) -> bool:
     return peak is not None and now is not None and peak <= now + 1024
 
 
-def _peak_resettable() -> bool:
-    """Whether reset_peak_memory can have worked here, asked without resetting."""
-    return os.access(_CLEAR_REFS, os.W_OK)
-
-
 def memory_scope(device_type: str, loader: str, reset_ok: bool) -> str:
     """What peak_mem_mb covers and leaves out, in words for the summary."""
     if device_type == "cuda":
@@ -73,10 +67,10 @@ def memory_scope(device_type: str, loader: str, reset_ok: bool) -> str:
     return f"{rss} over the process lifetime: the peak could not be reset, earlier runs count{workers}"
 
 
-def peak_memory(device: torch.device, loader: str, reset_ok: bool | None = None) -> dict:
+def peak_memory(device: torch.device, loader: str, reset_ok: bool) -> dict:
     """The summary's memory fields: peak_mem_mb (MB), peak_mem_scope, and on CUDA
     device_mem_used_mb (MB in use on the whole device now). `reset_ok`: what
-    reset_peak_memory returned; None asks whether the reset is possible here."""
+    reset_peak_memory returned at the run's start."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / _MB,
@@ -86,13 +80,7 @@ def peak_memory(device: torch.device, loader: str, reset_ok: bool | None = None)
     if peak_kb is None:  # not Linux: the process's lifetime peak
         import resource
         peak_kb, reset_ok = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
-    ok = _peak_resettable() if reset_ok is None else reset_ok
-    return {"peak_mem_mb": peak_kb / 1024, "peak_mem_scope": memory_scope(device.type, loader, ok)}
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """peak_memory's figure alone, MB."""
-    return peak_memory(device, "")["peak_mem_mb"]
+    return {"peak_mem_mb": peak_kb / 1024, "peak_mem_scope": memory_scope(device.type, loader, reset_ok)}
 
 
 def compiled_graphs() -> int:

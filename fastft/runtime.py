@@ -52,14 +52,34 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def pick_device(requested: str, launch: Launch = Launch()) -> torch.device:
+    """The process's device, always with an index on CUDA ("cuda" becomes the current GPU).
+
+    Raises ConfigError for CUDA where none is available, or an index past the visible GPUs.
+    """
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {requested}: no CUDA device is available here; use --device cpu")
-    if device.type == "cuda" and launch.launched:
+    if device.type != "cuda":
+        return device
+    if launch.launched:
         return torch.device("cuda", launch.local_rank)  # one GPU per process, as torchrun numbers them
+    if device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    visible = torch.cuda.device_count()
+    if device.index >= visible:
+        raise ConfigError(f"--device {requested}: only {visible} CUDA device(s) are visible here "
+                          f"(cuda:0 to cuda:{visible - 1}; CUDA_VISIBLE_DEVICES renumbers them)")
     return device
+
+
+def make_current(device: torch.device) -> None:
+    """Make the run's GPU the current one, so that work naming no device (new events and
+    streams, library kernels) lands on it rather than on GPU 0. torchrun's processes get
+    the same call from distributed.start; a plain `--device cuda:1` gets it here."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def pick_amp(requested: str, device: torch.device) -> torch.dtype | None:
@@ -70,20 +90,52 @@ def pick_amp(requested: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
-def default_workers(device: torch.device, processes_here: int = 1) -> int:
-    """Loader processes: on CUDA the CPU cores are free to decode; on a CPU they would
-    steal cores from the step (2 cores, 64 px: 61 img/s with 0 workers, 54 with 2)."""
+MAX_WORKERS = 16  # per process; a guess that bounds worker memory, not a measured optimum
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, where the OS reports one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_workers(device: torch.device, processes_here: int = 1, cores: int | None = None) -> int:
+    """DataLoader worker processes per training process when --workers is not typed.
+
+    On CUDA: the cores of this machine split over its training processes, less one for the
+    process itself (its Python loop and pin-memory thread), at least 1 and at most
+    MAX_WORKERS: 16 cores, 1 process -> 15; 8 processes -> 1. On a CPU device 0, since
+    workers would steal cores from the step (2 cores, 64 px: 61 img/s with 0 workers, 54
+    with 2). `cores` defaults to usable_cores().
+    """
     if device.type != "cuda":
         return 0
-    return max(1, min(4, (os.cpu_count() or 1) // processes_here))
+    cores = usable_cores() if cores is None else cores
+    return max(1, min(MAX_WORKERS, cores // max(1, processes_here) - 1))
+
+
+def cudnn_benchmark(device: torch.device, train_batch_sizes: set[int]) -> bool:
+    """Whether to let cuDNN time its conv algorithms per input shape and keep the fastest.
+
+    That pays only when shapes repeat, so it is on for a CUDA device whose training steps
+    all have one shape (`train_batch_sizes`, from the loader, has one entry): DALI drops the
+    ragged last train batch always, the torch and cached loaders when compiling, and a
+    train set smaller than one batch has one step.
+    """
+    return device.type == "cuda" and len(train_batch_sizes) == 1
 
 
 def resolve_runtime(cfg: TrainConfig, launch: Launch = Launch()) -> Runtime:
+    """The config's choices made concrete for this process; a CUDA device also becomes current."""
     device = pick_device(cfg.device, launch)
+    make_current(device)
     workers = cfg.workers if cfg.workers >= 0 else default_workers(device, launch.local_world_size)
     return Runtime(
         device=device,
         amp_dtype=pick_amp(cfg.amp, device),
+        # Auto (None) needs the data's size: the engine settles it (compile_cache.settle_compile)
+        # before building loaders; callers without data keep this fallback.
         compile=cfg.compile if cfg.compile is not None else device.type == "cuda",
         channels_last=cfg.channels_last,
         workers=workers,

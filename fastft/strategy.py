@@ -9,6 +9,16 @@ are bit-identical after training. This differs from the chapter's exercise
 (which sets `requires_grad=False` but leaves BN in train mode, so running
 statistics still drift). Since nothing before the first trainable layer needs a
 gradient, autograd records nothing there: the frozen part runs without a graph.
+
+"probe" is a linear probe: the backbone frozen as in "frozen", but the training
+images take the test transform (Resize, CenterCrop; no random crop, no flip), so
+each image's features are the same every epoch. They are computed once, in the
+first epoch (one forward pass over the train split), and kept on the device;
+every epoch then trains the head alone on them in shuffled batches. It trades
+augmentation away for epochs that cost almost nothing: right when the backbone's
+features already separate the classes and many epochs (or many lr / weight
+decay tries) are wanted; `frozen` sees a new crop of each image every epoch,
+which a small set needs more.
 """
 
 from __future__ import annotations
@@ -35,6 +45,14 @@ class Strategy:
     lr_mult: float = 1.0            # x --lr for every parameter
     head_group: bool = True         # head in its own group at --head-lr-mult; False = one group
     default_weights: str = "imagenet"
+    # True (needs every stage frozen): train images through the test transform, their features
+    # computed once and kept on the device, and each epoch trains the head on those (the engine's
+    # kept-features path; backends give such batches with train_eval_batches()).
+    keep_train_features: bool = False
+
+    def __post_init__(self) -> None:
+        if self.keep_train_features and self.frozen_stages != len(STAGES):
+            raise ValueError(f"{self.name}: keep_train_features needs all {len(STAGES)} stages frozen")
 
     def frozen_modules(self, model: nn.Module) -> list[nn.Module]:
         names = [name for stage in STAGES[: self.frozen_stages] for name in stage]
@@ -94,6 +112,7 @@ def seed_head_from_imagenet_hotdog(head: nn.Linear, source: dict | None, class_n
 REGISTRY = {
     "finetune": Strategy("finetune"),
     "frozen": Strategy("frozen", frozen_stages=len(STAGES)),
+    "probe": Strategy("probe", frozen_stages=len(STAGES), keep_train_features=True),
     "hotdog": Strategy("hotdog", head_init="hotdog"),
     "scratch": Strategy("scratch", head_init="default", lr_mult=10.0, head_group=False,
                         default_weights="none"),

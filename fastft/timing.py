@@ -13,7 +13,11 @@ import torch
 
 
 class StepClock:
+    """Marks before and after each step: CUDA events on the run device's current stream, or
+    wall-clock readings on a CPU."""
+
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self._marks: list = []
 
@@ -27,7 +31,9 @@ class StepClock:
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        # The stream named explicitly: a bare record() would use the *current* device's stream,
+        # and time an idle GPU 0 if the run's device were not current.
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def durations_s(self) -> list[float]:
@@ -41,7 +47,8 @@ class StepClock:
 
 
 def sync(device: torch.device) -> None:
-    """The one host-device sync allowed per epoch: before reading a clock or a metric."""
+    """The one host-device sync allowed per epoch: before reading a clock or a metric.
+    Waits for `device` itself, whichever GPU is current."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -5,6 +5,7 @@ Everything runs on the CPU in seconds: 32 px images, batch 8, no worker processe
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,24 @@ import torchvision
 
 from fastft.config import TrainConfig
 from fastft.data.synth import write_synthetic
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kept_compile_cache():
+    """One Inductor cache for every test session on this machine, as a user's runs share one.
+
+    Each test gets its own XDG_CACHE_HOME (below), which would otherwise put fastft's compile
+    cache there too and make every compiling test a cold compile of ResNet-18 (minutes on 2
+    cores). A folder the user set is kept, so this is fastft's "user-set" case.
+    """
+    import os
+    key, before = "TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ[key] = os.path.join(tempfile.gettempdir(), "fastft-tests-inductor")
+    yield
+    if before is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = before
 
 
 @pytest.fixture(autouse=True)

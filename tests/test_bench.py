@@ -86,6 +86,14 @@ def test_spread_is_median_min_max_and_skips_missing_values():
     assert bench._cell({"median": 2.0, "min": 2.0, "max": 2.0}) == "2.0"
 
 
+def test_recompiles_cell_says_how_many_frames_ran_eager():
+    def stat(value: float) -> dict:
+        return {"median": value, "min": value, "max": value}
+    assert bench._recompiles_cell({"recompiles": stat(2), "eager_fallbacks": stat(2)}) == "2 (2 ran eager)"
+    assert bench._recompiles_cell({"recompiles": stat(1), "eager_fallbacks": stat(0)}) == "1"
+    assert bench._recompiles_cell({"recompiles": stat(0), "eager_fallbacks": None}) == "0"  # an older JSON
+
+
 def fake_row(strategy: str) -> dict:
     stat = {"median": 2.0, "min": 2.0, "max": 2.0}
     variant = {"runs": [], **{k: stat for k in bench.METRICS}}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastft.cli import main
+from fastft.data.images import decode_problem
 
 SUMMARY_KEYS = {"strategy", "epochs", "train_loss", "train_acc", "test_acc", "test_examples",
                 "examples_per_sec", "examples_per_sec_compute", "compile_s", "world_size", "device",
@@ -130,8 +131,9 @@ def test_an_image_that_fails_mid_epoch_is_named_in_one_line(capsys, data_copy, i
     for i in range(600, len(body) - 2):
         body[i] = noise.randrange(256)
     bad.write_bytes(bytes(body))
-    err = one_line_error(capsys, tiny_args(data_copy, imagenet_like, tmp_path / "r", "--workers", workers))
-    assert f"{bad}: cannot decode image" in err
+    err = one_line_error(capsys, tiny_args(data_copy, imagenet_like, tmp_path / "r", "--workers", workers,
+                                           "--loader", "torch"))
+    assert err == f"fastft: error: {bad}: {decode_problem(bad)}"  # the words data check uses for it
 
 
 def test_an_empty_class_folder_is_named(capsys, data_copy, imagenet_like, tmp_path):
@@ -169,7 +171,7 @@ def test_unreadable_weights_are_an_error(capsys, tiny_data, tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"\x00" * 64)
     err = one_line_error(capsys, tiny_args(tiny_data, weights, tmp_path / "r"))
-    assert str(weights) in err and "not a readable" in err
+    assert str(weights) in err and "not a PyTorch weights file" in err
 
 
 def test_bad_options_are_one_line_errors(capsys, tiny_data, imagenet_like, tmp_path):

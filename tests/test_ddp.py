@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fastft.data.synth import write_synthetic
+from fastft.distributed import broadcast_buffers
 from fastft.engine import train
 
 N_TRAIN, N_TEST = 32, 13  # 13 test images: no split over 4 processes is even
@@ -150,10 +151,68 @@ def test_killed_rank_ends_the_job_and_resume_completes_it(ddp_data, imagenet_lik
 def test_ranks_with_different_numbers_of_test_batches_do_not_wait_on_each_other(ddp_data, imagenet_like,
                                                                                  tmp_path):
     """13 test images, 2 per batch: rank 0 runs 4 test batches, rank 1 runs 3. Evaluation must
-    issue no per-batch collective (BN buffers stay unsynced under no_grad), or the job would hang."""
+    issue no per-batch collective (it never runs through DDP), or the job would hang."""
+    # 64 px: 2 images per process give the last stage's BatchNorm 2x2x2 values (32 px: too few).
     args = train_args(ddp_data, imagenet_like, tmp_path / "run", strategy="finetune", epochs=1,
-                      **{"batch-size": 4, "dist-timeout": 60})
+                      **{"batch-size": 4, "dist-timeout": 60, "image-size": 64})
     rc, _, err = finish(torchrun(2, args), timeout=240)
     assert rc == 0, err[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["test_examples"] == N_TEST and summary["replicas_identical"] is True
+
+
+@pytest.fixture(scope="module")
+def two_test_images(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("ddp-two") / "data", n_train=16, n_test=2, seed=2,
+                           progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "partial:2"])
+def test_processes_without_a_test_batch_still_finish_evaluation(two_test_images, imagenet_like, tmp_path,
+                                                                strategy):
+    """2 test images over 4 processes: ranks 2 and 3 get no test batch. Evaluation must make the same
+    collectives on every rank (DDP's first no-grad forward broadcasts BN buffers: a rank that skips
+    it leaves the others waiting until --dist-timeout). finetune wraps the whole model in DDP,
+    partial:2 the fast path's suffix; both hold BN buffers."""
+    # Global batch 8: 2 per process; at 64 px layer4 is 2x2, so train-mode BN gets 8 values per
+    # channel (fastft refuses fewer than 4: at 32 px that would need 4 images per process).
+    args = train_args(two_test_images, imagenet_like, tmp_path / "run", strategy=strategy, epochs=1,
+                      **{"batch-size": 8, "dist-timeout": 30, "image-size": 64})
+    rc, _, err = finish(torchrun(4, args), timeout=150)
+    assert rc == 0, err[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["test_examples"] == 2
+    assert summary["replicas_identical"] is True
+
+
+def _take_rank0_buffers(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    with torch.no_grad():  # every rank's own statistics and parameters
+        model[1].running_mean.fill_(rank + 1.0)
+        model[1].running_var.fill_(rank + 2.0)
+        model[1].num_batches_tracked.fill_(10 * rank + 5)
+        model[1].weight.fill_(rank + 3.0)
+    broadcast_buffers(model)
+    torch.save(model.state_dict(), Path(out) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_broadcast_buffers_gives_every_rank_rank0s_buffers_and_leaves_parameters(tmp_path):
+    """What evaluation relies on: the values DDP's own buffer broadcast would give, every dtype."""
+    # fork: the children need nothing imported anew (spawn would re-import this module: ~20 s here)
+    context = torch.multiprocessing.start_processes(_take_rank0_buffers, nprocs=2, join=False, start_method="fork",
+                                                    args=(2, str(tmp_path / "init"), str(tmp_path)))
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the buffer broadcast did not finish in 60 s")
+    states = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    for state in states:
+        assert torch.equal(state["1.running_mean"], torch.full((4,), 1.0))
+        assert torch.equal(state["1.running_var"], torch.full((4,), 2.0))
+        assert state["1.num_batches_tracked"].item() == 5
+    assert [state["1.weight"][0].item() for state in states] == [3.0, 4.0]  # parameters are DDP's job

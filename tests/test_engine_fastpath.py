@@ -6,7 +6,22 @@ import pytest
 import torch
 
 from fastft.engine import Trainer
+from fastft.fastpath import FeatureCache
 from fastft.forward import Forward
+
+
+class OneBuffer(torch.nn.Module):
+    """Writes every output into one preallocated buffer and returns a view of it."""
+
+    def __init__(self, prefix: torch.nn.Module):
+        super().__init__()
+        self.prefix, self.out = prefix, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.prefix(x)
+        if self.out is None:
+            self.out = torch.empty((64, *y.shape[1:]), dtype=y.dtype)
+        return self.out[: y.shape[0]].copy_(y)
 
 
 def trained(make_cfg, strategy: str, fast_frozen: bool, epochs: int = 1) -> Trainer:
@@ -31,6 +46,7 @@ def test_fast_path_trains_like_the_plain_model(make_cfg, strategy):
         assert update > 0, name  # the layer did train, so the comparison means something
         assert (fast_state[name] - plain_state[name]).norm() <= 1e-3 * update, name
 
+
 def test_frozen_evaluation_reuses_kept_features_and_matches_a_full_evaluation(make_cfg):
     trainer = trained(make_cfg, "frozen", fast_frozen=True, epochs=2)
     assert trainer.forward.cache is not None and trainer.forward.cache.ready
@@ -42,9 +58,14 @@ def test_frozen_evaluation_reuses_kept_features_and_matches_a_full_evaluation(ma
     cached = trainer.evaluate()
     assert calls == []  # the kept features served it: no image was loaded
 
+    # Kept anew from a prefix that returns one buffer every call, as a CUDA graph replay does
+    # (12 test images at batch 8: the second batch overwrites the first's rows).
+    trainer.forward.cache, trainer.forward.frozen = FeatureCache(), OneBuffer(trainer.forward.prefix)
+    aliased = trainer.evaluate()
+
     trainer.forward.cache = None  # the fast path without kept features
     recomputed = trainer.evaluate()
     trainer.forward = Forward(trainer.model, 5, fast_frozen=False, rt=trainer.rt)  # the plain model
     plain = trainer.evaluate()
-    assert cached == recomputed == plain
+    assert cached == aliased == recomputed == plain
     assert cached[1] == trainer.data.test_size

@@ -216,3 +216,38 @@ def test_feature_cache_gives_the_full_evaluation_before_and_after_the_head_train
     assert not cache.ready
     with pytest.raises(RuntimeError, match="before fill"):
         cache.batches()
+
+
+class OneBuffer(nn.Module):
+    """A prefix that writes every output into one preallocated buffer and returns (a view of) it,
+    as a compiled module replaying a CUDA graph does: the next call overwrites the last output."""
+
+    def __init__(self, prefix: nn.Module):
+        super().__init__()
+        self.prefix, self.out = prefix, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.prefix(x)
+        if self.out is None:
+            self.out = torch.empty((64, *y.shape[1:]), dtype=y.dtype)
+        return self.out[: y.shape[0]].copy_(y)
+
+
+def test_feature_cache_keeps_copies_of_a_prefix_that_reuses_its_output_buffer():
+    model = bn_model(num_classes=5)
+    frozen_like_engine(model, len(STAGES))
+    split = split_for_training(model, len(STAGES))
+    gen = torch.Generator().manual_seed(3)
+    batches = [(images(n=n, size=32, seed=s), torch.randint(0, 5, (n,), generator=gen))
+               for s, n in enumerate([4, 4, 3])]  # a ragged last batch, as a test split has
+    prefix = OneBuffer(split.prefix)
+    cache = FeatureCache()
+    cache.fill(iter(batches), prefix)
+    kept = [features for features, _ in cache.batches()]
+    assert len({f.untyped_storage().data_ptr() for f in kept}) == 3  # three copies, not one buffer
+    with torch.no_grad():
+        for (x, _), features in zip(batches, kept):
+            torch.testing.assert_close(features, split.prefix(x))
+    expected_correct, _ = full_accuracy(model, batches)
+    correct, count = cached_accuracy(cache, split.suffix)
+    assert (int(correct), int(count)) == (expected_correct, 11)

@@ -28,21 +28,6 @@ N_TRAIN, N_TEST = 16, 13  # 13 test images: 4, 3, 3, 3 over four processes
 EPOCHS = 6  # epoch 1 saved, then the kill must land before the run ends
 RUN = "run"  # relative on purpose: see the module docstring
 
-# `fastft train` through the real CLI, with a tiny synthetic set: the CLI has no flags for the
-# synthetic split sizes (TrainConfig.synth_train / synth_test), so the entry point sets them.
-ENTRY = f"""
-import sys
-from fastft import cli
-from fastft.config import TrainConfig
-
-def tiny_synthetic(**given):
-    return TrainConfig(synth_train={N_TRAIN}, synth_test={N_TEST}, **given)
-
-cli.TrainConfig = tiny_synthetic
-sys.exit(cli.main(["train", *sys.argv[1:]]))
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,22 +46,22 @@ def wait_for_listener(port: int, agent: subprocess.Popen, timeout: float = 60) -
     pytest.fail(f"the first agent never listened on port {port}")
 
 
-def agent(entry: Path, node: Path, port: int, args: list[str]) -> subprocess.Popen:
+def agent(node: Path, port: int, args: list[str]) -> subprocess.Popen:
     """One node's torchrun agent, in its own cwd and cache, in its own process group."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=fastft-multinode",
            "--rdzv-conf=join_timeout=90", "--max-restarts=0", "--monitor-interval=0.5",
-           str(entry), *args]
+           "-m", "fastft", "train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(node / "cache")}
     return subprocess.Popen(cmd, cwd=node / "cwd", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
 
-def two_nodes(entry: Path, nodes: list[Path], args: list[str]) -> tuple[subprocess.Popen, subprocess.Popen]:
+def two_nodes(nodes: list[Path], args: list[str]) -> tuple[subprocess.Popen, subprocess.Popen]:
     port = free_port()
-    first = agent(entry, nodes[0], port, args)
+    first = agent(nodes[0], port, args)
     wait_for_listener(port, first)
-    return first, agent(entry, nodes[1], port, args)
+    return first, agent(nodes[1], port, args)
 
 
 def lose_machine(agent: subprocess.Popen) -> None:
@@ -93,14 +78,13 @@ def files_under(folder: Path) -> list[str]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds worker processes through /proc")
 def test_two_nodes_train_resume_after_a_lost_node_and_match_one_process(imagenet_like, tmp_path):
-    entry = tmp_path / "entry.py"
-    entry.write_text(ENTRY)
     nodes = [tmp_path / f"node{i}" for i in range(2)]
     for node in nodes:
         (node / "cwd").mkdir(parents=True)
-    args = train_args("synthetic", imagenet_like, RUN, epochs=EPOCHS, **{"dist-timeout": 30})
+    args = train_args("synthetic", imagenet_like, RUN, epochs=EPOCHS,
+                      **{"dist-timeout": 30, "synth-train": N_TRAIN, "synth-test": N_TEST})
 
-    first, second = two_nodes(entry, nodes, args)
+    first, second = two_nodes(nodes, args)
     runs = [node / "cwd" / RUN for node in nodes]
     deadline = time.monotonic() + 240
     while not any((run / "checkpoint.pt").exists() for run in runs):  # epoch 1 saved: kill mid-run
@@ -129,7 +113,7 @@ def test_two_nodes_train_resume_after_a_lost_node_and_match_one_process(imagenet
 
     # --resume needs --out on a shared file system: mount the run folder on the other node too.
     runs[1 - main[0]].symlink_to(runs[main[0]], target_is_directory=True)
-    first, second = two_nodes(entry, nodes, [*args, "--resume"])
+    first, second = two_nodes(nodes, [*args, "--resume"])
     with ThreadPoolExecutor(2) as pool:  # drain both agents' pipes at once
         (rc0, _, err0), (rc1, _, err1) = pool.map(finish, (first, second))
     assert rc0 == 0 and rc1 == 0, (err0[-3000:], err1[-3000:])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastft.checkpoint import load_checkpoint
+from fastft.checkpoint import load_checkpoint, restore_rng, rng_state
 from fastft.cli import main
 from fastft.engine import train
 from fastft.errors import ConfigError
@@ -111,3 +111,70 @@ def test_a_bare_resume_continues_with_the_runs_own_epochs_and_data(make_cfg, tin
     assert load_checkpoint(run)["epoch"] == 2  # the run's own --epochs 2, not the default 5
     config = json.loads((run / "config.json").read_text())
     assert config["resolved"]["data_dir"] == str(tiny_data) and config["image_size"] == 32
+
+
+class FakeCudaRng:
+    """torch.cuda's RNG calls on a machine with `visible` GPUs; records the devices used."""
+
+    def __init__(self, monkeypatch, visible: int):
+        self.visible, self.read, self.written = visible, [], []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+        for name in ("get_rng_state_all", "set_rng_state_all"):  # a call would be the old bug
+            monkeypatch.setattr(torch.cuda, name, lambda *a, name=name: pytest.fail(f"{name} touches every GPU"))
+
+    def _index(self, device) -> int:
+        index = torch.device(device).index
+        assert index is not None and index < self.visible, f"{device} is not visible here"
+        return index
+
+    def get(self, device="cuda"):
+        index = self._index(device)
+        self.read.append(index)
+        return torch.full((16,), 100 + index, dtype=torch.uint8)  # a state that names its GPU
+
+    def set(self, state, device="cuda"):
+        self.written.append((self._index(device), state[0].item()))
+
+
+def test_rng_state_saved_on_cuda_1_restores_where_one_gpu_is_visible(monkeypatch):
+    """Saved on cuda:1 of 2 GPUs; resumed where only 1 GPU is visible, as cuda:0.
+    The state belongs to the run's device, not to an index: it lands on cuda:0."""
+    saver = FakeCudaRng(monkeypatch, visible=2)
+    state = rng_state(torch.device("cuda", 1))
+    assert saver.read == [1] and state["cuda"][0].item() == 101  # that GPU alone
+    resumer = FakeCudaRng(monkeypatch, visible=1)
+    assert restore_rng(state, torch.device("cuda", 0)) is None
+    assert resumer.written == [(0, 101)]
+
+
+def test_a_cpu_runs_rng_state_has_no_cuda_entry(monkeypatch):
+    fake = FakeCudaRng(monkeypatch, visible=2)
+    state = rng_state(torch.device("cpu"))
+    assert set(state) == {"torch", "python"} and fake.read == []
+    assert restore_rng(state, torch.device("cuda", 0)) is None and fake.written == []
+
+
+def test_an_older_checkpoints_per_gpu_list_gives_this_devices_entry_or_a_warning(monkeypatch):
+    fake = FakeCudaRng(monkeypatch, visible=1)
+    old = {**rng_state(torch.device("cpu")), "cuda": [torch.full((16,), 100 + i, dtype=torch.uint8)
+                                                      for i in range(2)]}
+    assert restore_rng(old, torch.device("cuda", 0)) is None
+    assert fake.written == [(0, 100)]
+    note = restore_rng(old, torch.device("cuda", 3))
+    assert "2 GPU(s), none for cuda:3" in note and fake.written == [(0, 100)]
+
+
+def test_a_pickled_model_as_checkpoint_is_one_plain_line_and_runs_no_code(tmp_path):
+    import torchvision
+    from fastft.errors import CheckpointError
+    path = tmp_path / "checkpoint.pt"
+    torch.save(torchvision.models.resnet18(num_classes=2), path)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path)
+    line = err.value.one_line()
+    assert line.startswith(f"{path}: holds a pickled model object (torchvision.models.resnet.ResNet)")
+    assert "torch.save(model.state_dict(), PATH)" in line and "\x1b" not in line

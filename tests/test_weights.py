@@ -63,12 +63,16 @@ def test_a_state_dict_that_matches_nothing_is_a_clear_error():
         load_matching(build_resnet18(2), {"encoder.weight": torch.zeros(4, 4)}, "imagenet")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated zip"])
-def test_unreadable_weights_are_a_clear_error(tmp_path, content):
+@pytest.mark.parametrize("content, reason", [
+    (b"", "empty file"),
+    (b"not a checkpoint at all", "not a PyTorch weights file (torch.save zip or a .safetensors file expected)"),
+    (b"PK\x03\x04truncated zip", "truncated or corrupt zip archive (")])
+def test_unreadable_weights_are_a_clear_error(tmp_path, content, reason):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
-    with pytest.raises(WeightsError, match="not a readable PyTorch weights file"):
+    with pytest.raises(WeightsError) as caught:
         read_state_dict(path)
+    assert str(caught.value).startswith(f"{path}: {reason}") and "\n" not in str(caught.value)
 
 
 class RunsCode:

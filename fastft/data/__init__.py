@@ -2,11 +2,12 @@
 
 Backends sit side by side with one small interface (`classes`, `train_size`,
 `test_size`, `train_batches(epoch)`, `test_batches()`, `steps_per_epoch()`):
-torch_loader (PIL + DataLoader, the chapter's reference) and dali_loader.
+torch_loader (PIL + DataLoader, the chapter's reference), dali_loader and cached_loader.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from fastft.config import TrainConfig, default_cache_dir
@@ -36,18 +37,117 @@ def dali_available() -> bool:
     return True
 
 
+def check_train_split(n_train: int, world_size: int) -> None:
+    """Every process needs a training image of its own (padding would only repeat another's)."""
+    if n_train < world_size:
+        raise ConfigError(f"{n_train} train image(s) leave some of {world_size} processes without one; "
+                          f"use at most {n_train} processes")
+
+
+# The fewest values per channel a train-mode BatchNorm may normalise over. At 32 px ResNet-18's
+# last stage is 1x1, so its BNs see one value per image in the batch; with two, each output is
+# +-1 whatever the input, and the gradients through that blow the weights up. Measured: one
+# epoch, synthetic set (24 train, 48 test), 32 px, fp32, lr 5e-5, seeds 0/1/2, conv1 max |w|
+# after the epoch (0.096 before from random init, 0.109 from an ImageNet-shaped file):
+#   values  full batches of v (24 images)    ragged last batch of v (24 + v at batch 8)
+#   2       0.47 1.08 1.17 | 0.45 4.12 0.78  0.52 0.38 3.38 | 0.41 1.66 0.11
+#   3       0.11 0.13 0.11 | 0.12 0.11 0.11  0.10 0.10 0.10 | 0.11 0.11 0.12
+#   4       0.10 0.10 0.10 | 0.11 0.11 0.11  0.10 0.10 0.10 | 0.11 0.11 0.11
+#   6, 8    0.10 0.10 0.10 | 0.11 0.11 0.11  (as 4; 8 = no ragged batch)
+# Two values blow up in one epoch (4-40x); three still grow conv1 11-33% in 8 steps from random
+# init; four and more match batch 8. Test accuracy after one epoch is near chance (0.3-0.7)
+# for every v and says nothing either way.
+MIN_BN_VALUES = 4
+
+
+def min_train_batch(cfg: TrainConfig, synced_processes: int = 1) -> int:
+    """Fewest images per process a train step may hold at cfg.image_size: MIN_BN_VALUES spread over
+    the last stage's ceil(image_size / 32)^2 positions per image and the processes a SyncBatchNorm
+    pools over; 1 when every stage is frozen (their BatchNorms run in eval mode)."""
+    from fastft.strategy import STAGES, get_strategy
+    if get_strategy(cfg.strategy).frozen_stages >= len(STAGES):
+        return 1
+    side = math.ceil(cfg.image_size / 32)  # ResNet-18 halves the side 5 times, rounding up
+    return max(1, math.ceil(MIN_BN_VALUES / (side * side * synced_processes)))
+
+
+def check_batch_norm(cfg: TrainConfig, batch_sizes: set[int], synced_processes: int = 1,
+                     batch_per_rank: int | None = None) -> None:
+    """Stop up front where a train step would give a train-mode BatchNorm fewer than MIN_BN_VALUES
+    values per channel (1 makes torch raise inside the model; a few make the weights blow up).
+
+    `batch_sizes`: images per process in the train steps, after the loader dropped a ragged last
+    batch below min_train_batch (so what is left is a full batch, or the only, partial, batch);
+    `synced_processes`: processes a SyncBatchNorm pools its statistics over; `batch_per_rank`:
+    a full batch per process (default --batch-size), to name the cause. Raises ConfigError.
+    """
+    smallest, needed = min(batch_sizes), min_train_batch(cfg, synced_processes)
+    if smallest >= needed:
+        return
+    side = math.ceil(cfg.image_size / 32)
+    values = smallest * side * side * synced_processes
+    full = batch_per_rank or cfg.batch_size
+    cause = (f"--batch-size {cfg.batch_size} gives {full} image(s) per process per step" if smallest == full else
+             f"the train split gives each process only {smallest} image(s), one batch smaller than "
+             f"--batch-size {cfg.batch_size}")
+    bigger = 32 * math.ceil(math.sqrt(MIN_BN_VALUES / (smallest * synced_processes)))
+    raise ConfigError(f"{cause}: at --image-size {cfg.image_size} the last stage is {side}x{side}, so its "
+                      f"BatchNorms would normalise {values} value(s) per channel, fewer than the "
+                      f"{MIN_BN_VALUES} that keep training stable; use at least {needed} images per "
+                      f"process, --image-size {bigger}, or --strategy frozen")
+
+
 def build_loaders(cfg: TrainConfig, layout, rt):
     """The backend for `--loader` on runtime `rt` (device, AMP dtype, layout, workers, rank);
-    `auto` is DALI whenever it imports, else torch."""
+    `auto` is cached where the decoded set fits its budget (image headers decide, before any
+    decode), else DALI whenever it imports, else torch."""
     if cfg.batch_size % rt.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} does not divide over {rt.world_size} processes")
     batch_per_rank = cfg.batch_size // rt.world_size
+    check_train_split(len(layout.files["train"]), rt.world_size)
     if cfg.loader == "dali" and not dali_available():
         raise ConfigError("--loader dali: nvidia.dali does not import here; "
                           "pip install nvidia-dali-cuda120, or use --loader torch")
-    if cfg.loader == "dali" or (cfg.loader == "auto" and dali_available()):
-        from fastft.data.dali_loader import DaliLoaders
-        return DaliLoaders(layout, cfg.image_size, batch_per_rank, rt, cfg.seed, cfg.decode_cache)
-    from fastft.data.torch_loader import TorchLoaders
-    return TorchLoaders(layout, cfg.image_size, batch_per_rank, rt.workers, cfg.seed,
-                        rt.rank, rt.world_size, pin_memory=rt.device.type == "cuda")
+    plan = _cached_plan(cfg, layout, rt) if cfg.loader in ("cached", "auto") else None
+    synced = rt.world_size if cfg.sync_bn and rt.distributed else 1
+    min_batch = min_train_batch(cfg, synced)  # a smaller ragged last batch is dropped (not DALI's: it drops all)
+    # Under DDP every process must pick the same backend: cached only where it fits everywhere.
+    from fastft.distributed import all_true  # torch: not imported by `fastft data`
+    fits = plan is not None and all_true(plan.fits, rt.device)
+    if plan is not None and (cfg.loader == "cached" or fits):
+        from fastft.data.cached_loader import CachedLoaders
+        loaders = CachedLoaders(layout, cfg.image_size, batch_per_rank, rt, cfg.seed, plan=plan,
+                                max_side=cfg.cache_max_side, drop_ragged=rt.compile, progress=rt.is_main,
+                                threads=max(cfg.workers, 0), min_batch=min_batch)
+    elif cfg.loader == "dali" or (cfg.loader == "auto" and dali_available()):
+        from fastft.data.dali_loader import DaliLoaders, DaliOptions
+        # A typed --workers N is DALI's thread count; untyped (-1), DALI's own default.
+        loaders = DaliLoaders(layout, cfg.image_size, batch_per_rank, rt, cfg.seed, cfg.decode_cache,
+                              DaliOptions(threads=max(cfg.workers, 0)))
+    else:
+        from fastft.data.torch_loader import TorchLoaders
+        loaders = TorchLoaders(layout, cfg.image_size, batch_per_rank, rt.workers, cfg.seed,
+                               rt.rank, rt.world_size, pin_memory=rt.device.type == "cuda",
+                               rt=rt, drop_ragged=rt.compile, uint8=cfg.uint8_batches, min_batch=min_batch)
+    check_batch_norm(cfg, loaders.train_batch_sizes(), synced, batch_per_rank)
+    return _auto_noted(loaders, plan) if cfg.loader == "auto" else loaders
+
+
+def _cached_plan(cfg: TrainConfig, layout, rt):
+    """--loader cached's size, from image headers, against its budget (no pixel decoded yet)."""
+    from fastft.data.cached_loader import plan_cache
+    from fastft.distributed import launch_from_env
+    return plan_cache(layout, cfg.image_size, rt, cfg.cache_gb, cfg.cache_max_side,
+                      processes_here=launch_from_env().local_world_size)
+
+
+def _auto_noted(loaders, plan):
+    """`--loader auto` says what it picked and why, first among the backend's describe() lines
+    (the engine prints those): cached where the decoded set fits its budget, else DALI or torch."""
+    need = f"the decoded set needs {plan.need_mb:.0f} MB of a {plan.budget_bytes / 2**20:.0f} MB budget " \
+           f"({plan.budget_source})"
+    line = (f"loader auto: cached, {need}" if loaders.name == "cached" else
+            f"loader auto: {loaders.name}, not cached: {need}; --cache-gb or --cache-max-side changes that")
+    lines = loaders.describe
+    loaders.describe = lambda: [line, *lines()]  # this instance only
+    return loaders

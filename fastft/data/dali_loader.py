@@ -167,19 +167,22 @@ def _as_data_error(err: RuntimeError, paths: list) -> DataError | None:
     and only a status for others ("nvImageCodec failure: '#3'"); then the
     split's files are decoded with PIL, once, to find it. Other errors of the
     decoder operator (its cache settings, memory, the device) are not about a
-    file and stay as they are.
+    file and stay as they are. The reason is decode_problem's, the words `data check` and the
+    other loaders use for the same file; "(DALI decoder failed)" only where PIL decodes it.
     """
     text = str(err)
     found = _FAILED.search(text)
     if found is not None:
-        return DataError(f"{shown_path(found.group(1).strip())}: cannot decode image (DALI decoder failed)")
+        path = found.group(1).strip()
+        reason = decode_problem(path) or "cannot decode image (DALI decoder failed)"
+        return DataError(f"{shown_path(path)}: {reason}")
     if _DECODER not in text or _CODEC_FAILURE not in text:
         return None
     bad = _first_bad(sorted(set(paths)))
     if bad is None:
         detail = next((line for line in text.splitlines() if "failure" in line), "decoder error")
         return DataError(f"DALI cannot decode an image that PIL decodes ({detail.strip()}); use --loader torch")
-    return DataError(f"{shown_path(bad[0])}: cannot decode image ({bad[1]})")
+    return DataError(f"{shown_path(bad[0])}: {bad[1]}")
 
 
 class _Batches:
@@ -252,6 +255,7 @@ class DaliLoaders:
         self._train = [train[i % len(train)] for i in range(self.shards.padded)]
         self._test = list(test)
         self._test_shard = _shard_size(len(test), rt.rank, rt.world_size)
+        self._train_eval = list(train)  # unpadded: each image once over all processes
         self.cache = cache or plan_cache(decode_cache, rt.device, [p for p, _ in train],
                                          [p for p, _ in test][rt.rank:: rt.world_size])
         self._iters: dict[str, DALIGenericIterator] = {}
@@ -276,6 +280,18 @@ class DaliLoaders:
 
     def test_batches(self) -> _Batches:
         return _Batches(lambda: self._pass("test"), math.ceil(self._test_shard / self.batch))
+
+    def train_eval_batches(self) -> _Batches:
+        """The train split through the TEST pipeline (resize, centre crop: no augmentation), in
+        order, each image once over all processes (sharded as the test split): what --strategy
+        probe computes its kept features from, once per run. Its decoder takes the same
+        arguments as the others (one decoder cache per process; see dali_cache)."""
+        shard = _shard_size(len(self._train_eval), self.rt.rank, self.rt.world_size)
+        return _Batches(lambda: self._pass("train_eval"), math.ceil(shard / self.batch))
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batches already come out on the device, in the training layout and dtype."""
+        return x, y
 
     def describe(self) -> list[str]:
         o, rt = self.options, self.rt
@@ -339,7 +355,11 @@ class DaliLoaders:
             self._epoch += 1
 
     def _files(self, kind: str) -> list:
-        return [os.fspath(p) for p, _ in (self._train if kind == "train" else self._test)]
+        return [os.fspath(p) for p, _ in self._split(kind)]
+
+    def _split(self, kind: str) -> list:
+        """(path, label) pairs a pass of `kind` reads: train (padded), test or train_eval."""
+        return {"train": self._train, "test": self._test, "train_eval": self._train_eval}[kind]
 
     def _torch(self, out: dict) -> tuple[torch.Tensor, torch.Tensor]:
         x = out["x"].permute(0, 3, 1, 2) if self.rt.channels_last else out["x"]
@@ -354,7 +374,7 @@ class DaliLoaders:
                 pipe = _train_pipeline(**self._common("train"), shuffle_seed=self.seed,
                                        seed=_pipeline_seed(self.seed, self.rt.rank), checkpoint=self._checkpoint)
             else:
-                pipe = _test_pipeline(**self._common("test"), seed=self.seed)
+                pipe = _test_pipeline(**self._common(kind), seed=self.seed)  # test, train_eval
             policy = LastBatchPolicy.DROP if kind == "train" else LastBatchPolicy.PARTIAL
             self._iters[kind] = DALIGenericIterator(pipe, ["x", "y"], reader_name=READER,
                                                     last_batch_policy=policy)
@@ -362,7 +382,7 @@ class DaliLoaders:
 
     def _common(self, kind: str) -> dict:
         """The pipeline's arguments; the decoder's are the same for train and test."""
-        rt, files = self.rt, (self._train if kind == "train" else self._test)
+        rt, files = self.rt, self._split(kind)
         on_gpu = _on_gpu(rt.device)
         return dict(files=[os.fspath(p) for p, _ in files], labels=[label for _, label in files],
                     size=self.image_size, shard=rt.rank, shards=rt.world_size, on_gpu=on_gpu,

@@ -91,6 +91,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _read_problem(path: str | os.PathLike[str], exc: OSError) -> str:
+    """Why a file cannot be read at all, in the words every check and loader uses."""
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not an image file"
+    if isinstance(exc, FileNotFoundError):
+        return "broken symlink (its target does not exist)" if os.path.islink(path) else "no such file"
+    return f"cannot read file ({exc.strerror or _first_line(exc)})"
+
+
 def _extension(path: str | os.PathLike[str]) -> str:
     # os.path is several times cheaper than pathlib here, which matters when
     # the quick check runs on every file at startup.
@@ -163,7 +172,7 @@ def quick_problem(path: Path) -> str | None:
         if expected is None:
             return _header_problem(path)
     except OSError as exc:
-        return f"cannot read file ({exc.strerror or _first_line(exc)})"
+        return _read_problem(path, exc)
     end = _JPEG_END if expected == "JPEG" else _PNG_END
     if tail.endswith(end):
         return None
@@ -180,7 +189,7 @@ def decode_problem(path: Path) -> str | None:
         with open(path, "rb") as f:
             head = f.read(_HEAD_BYTES)
     except OSError as exc:
-        return f"cannot read file ({exc.strerror or _first_line(exc)})"
+        return _read_problem(path, exc)
     if not head:
         return "empty file"
     problem = _magic_problem(_extension(path), head)
@@ -193,6 +202,8 @@ def decode_problem(path: Path) -> str | None:
             return unmappable(img)
     except Image.UnidentifiedImageError:
         return _unidentified(head)
+    except Image.DecompressionBombError as exc:
+        return f"too large to decode ({_first_line(exc)})"
     except Exception as exc:  # corrupt data makes PIL raise nearly anything
         kind = _sniff(head) or "image"
         return f"truncated or corrupt {kind} ({_first_line(exc)})"
@@ -269,7 +280,9 @@ def load_rgb(path: str | Path) -> Image.Image:
 
     Every mode maps as the module docstring's table says. Raises a one-line
     DataError naming the file for a file PIL cannot decode or a mode that has
-    no sensible RGB mapping.
+    no sensible RGB mapping, with decode_problem's reason ("empty file", "not an
+    image: starts with ...", "truncated or corrupt PNG (...)"), so the loaders,
+    predict and `data check` name a bad file the same way.
     """
     try:
         with Image.open(path) as img:
@@ -278,7 +291,9 @@ def load_rgb(path: str | Path) -> Image.Image:
     except UnmappableImage as exc:
         raise DataError(f"{shown_path(path)}: cannot map image to RGB ({exc})") from exc
     except Exception as exc:  # any decode failure is the file's fault
-        raise DataError(f"{shown_path(path)}: cannot decode image ({_first_line(exc)})") from exc
+        # The error path only: a second look at the file gives the reason the checks give.
+        reason = decode_problem(Path(path)) or f"cannot decode image ({_first_line(exc)})"
+        raise DataError(f"{shown_path(path)}: {reason}") from exc
 
 
 def unmappable(img: Image.Image) -> str | None:

@@ -113,17 +113,55 @@ def _class_names(split_dir: Path, ignored: list[Path]) -> list[str]:
     )
 
 
-def _class_files(class_dir: str, ignored: list[Path]) -> list[Path]:
+def _loop_reason(real: str, root: str, seen: set[str], class_roots: dict[str, str]) -> str | None:
+    """Why a folder whose real path is `real`, met while walking the class folder `root`
+    (a real path), must not be walked, or None. `seen`: real paths walked for this class."""
+    if real == root or root.startswith(real + os.sep):
+        return "it leads back to this class folder or one above it (a loop)"
+    for other, name in class_roots.items():
+        if other != root and (real == other or real.startswith(other + os.sep)):
+            return f"it points into class folder {_shown(name)}, whose images belong to that class"
+    if real in seen:
+        return "its folder is already read through another path"
+    return None
+
+
+def _class_files(class_dir: str, ignored: list[Path], skipped: list[str],
+                 class_roots: dict[str, str] | None = None) -> list[Path]:
     """Image files under `class_dir`, in the order ImageFolder's make_dataset uses;
-    hidden folders and files that are not images are added to `ignored`."""
+    hidden folders and files that are not images are added to `ignored`.
+
+    Symlinked folders are followed (a class folder may itself be a link), but never one
+    that leads back to this class folder or above it, into another class folder
+    (`class_roots`: real path -> shown name), or to a folder already read: os.walk's
+    followlinks would otherwise count every image reachable through a loop again and
+    again, under this class's label. A warning line for each such link goes to `skipped`.
+    """
     def fail(err: OSError) -> None:
         raise _unreadable(err)
 
+    root = os.path.realpath(class_dir)
+    reals, seen = {class_dir: root}, {root}
     found: list[tuple[str, list[str]]] = []
     for dirpath, dirnames, filenames in os.walk(class_dir, onerror=fail, followlinks=True):
         # Pruning in place keeps the walk out of .git, .ipynb_checkpoints etc.
         ignored.extend(Path(dirpath, d) for d in sorted(dirnames) if _is_hidden(d))
-        dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+        kept = []
+        # Real folders first, so a link to a folder of this class is the copy left out; then by name.
+        for name in sorted((d for d in dirnames if not _is_hidden(d)),
+                           key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
+            full = os.path.join(dirpath, name)
+            link = os.path.islink(full)
+            real = os.path.realpath(full) if link else os.path.join(reals[dirpath], name)
+            why = _loop_reason(real, root, seen, class_roots or {})
+            if why:
+                what = f"symlink to {_shown(real)}" if link else "folder"
+                skipped.append(f"{_shown(full)}: {what} not followed; {why}")
+                continue
+            seen.add(real)
+            reals[full] = real
+            kept.append(name)
+        dirnames[:] = kept
         found.append((dirpath, filenames))
     found.sort()
     files = []
@@ -134,10 +172,14 @@ def _class_files(class_dir: str, ignored: list[Path]) -> list[Path]:
     return files
 
 
-def _scan_split(split_dir: Path, ignored: list[Path]) -> dict[str, list[Path]]:
-    """Image files per class folder of one split, in class order; a list may be empty."""
-    return {name: _class_files(os.path.join(split_dir, name), ignored)
-            for name in _class_names(split_dir, ignored)}
+def _scan_splits(root: Path, ignored: list[Path], skipped: list[str]) -> dict[str, dict[str, list[Path]]]:
+    """Image files per class folder of each split, in class order; a list may be empty."""
+    names = {split: _class_names(root / split, ignored) for split in SPLITS}
+    folders = {split: {name: os.path.join(root / split, name) for name in names[split]} for split in SPLITS}
+    class_roots = {os.path.realpath(folder): f"{split}/{name}"
+                   for split in SPLITS for name, folder in folders[split].items()}
+    return {split: {name: _class_files(folder, ignored, skipped, class_roots)
+                    for name, folder in folders[split].items()} for split in SPLITS}
 
 
 def _no_images(folder: Path, why: str = "") -> DataError:
@@ -159,14 +201,24 @@ def _test_gaps(root: Path, classes: tuple[str, ...],
     return missing, lines
 
 
+def _case_hint(root: Path, split: str) -> str:
+    """A hint like `; found Train/: rename it to train/` when only the letter case differs
+    (names are case-sensitive on Linux, so Train/ is not train/); else ""."""
+    try:
+        near = sorted(e.name for e in os.scandir(root) if e.name.lower() == split and e.name != split)
+    except OSError:
+        return ""
+    return f"; found {_shown(near[0])}/: rename it to {split}/" if near else ""
+
+
 def _scan_structure(root: Path) -> DatasetLayout:
     """The layout under `root`, or a DataError for the first structural problem."""
     _check_dir(root, "dataset folder not found")
     expected = f"expected {_shown(root / SPLITS[0])} and {_shown(root / SPLITS[1])}"
-    scanned, ignored = {}, []
+    ignored, skipped = [], []
     for split in SPLITS:
-        _check_dir(root / split, f"missing split folder ({expected})")
-        scanned[split] = _scan_split(root / split, ignored)
+        _check_dir(root / split, f"missing split folder ({expected}{_case_hint(root, split)})")
+    scanned = _scan_splits(root, ignored, skipped)
     train, test = scanned["train"], scanned["test"]
     for name, paths in train.items():
         if not paths:  # the head would have a class it never trains on
@@ -185,7 +237,16 @@ def _scan_structure(root: Path) -> DatasetLayout:
     files = {split: tuple((path, label[name]) for name, paths in per_class.items() for path in paths)
              for split, per_class in scanned.items()}
     return DatasetLayout(root=root, classes=classes, files=files, missing_in_test=tuple(missing),
-                         warnings=tuple(lines), ignored=tuple(ignored))
+                         warnings=tuple(skipped + lines), ignored=tuple(ignored))
+
+
+def check_classes(layout: DatasetLayout) -> None:
+    """Raise a one-line DataError for a dataset with one class: training would reach loss 0 and
+    accuracy 1 while learning nothing. For training and `data check`; the scan itself accepts
+    one class, which loader tests use."""
+    if len(layout.classes) < 2:
+        raise DataError(f"{_shown(layout.root / 'train')}: only one class folder ({layout.classes[0]}); "
+                        f"a classifier needs at least 2 classes, one folder each")
 
 
 def _checked(check: Callable[[Path], object], paths: list[Path], threads: int) -> Iterator:
@@ -291,12 +352,30 @@ def _conversion_lines(root: Path, notes: list[tuple[Path, str]]) -> list[str]:
             for note, paths in kinds.items()]
 
 
+def _ignored_lines(layout: DatasetLayout) -> list[str]:
+    """One line per reason the scan passed over entries: hidden, outside any class folder
+    (directly in train/ or test/), or not an image by its extension."""
+    splits = {layout.root / split for split in SPLITS}
+    kinds: dict[str, list[Path]] = {}
+    for path in layout.ignored:
+        if _is_hidden(path.name):
+            why = "hidden"
+        elif path.parent in splits:
+            why = "outside any class folder"
+        else:
+            why = f"not {'/'.join(IMAGE_EXTENSIONS)}"
+        kinds.setdefault(why, []).append(path)
+    return [f"ignored {_plural(len(paths), 'entry', 'entries')} ({why}): {_listed(layout.root, paths)}"
+            for why, paths in kinds.items()]
+
+
 def check_report(root: Path) -> tuple[list[str], bool]:
     """Lines for `fastft data check DIR` after decoding every file, and whether
     all decode: images per class and split, classes a split lacks, entries the
     scan ignored, images load_rgb converts (16-bit, CMYK, alpha, EXIF-rotated...),
     and every bad file.  Structural problems still raise DataError."""
     layout = _scan_structure(Path(root).expanduser())
+    check_classes(layout)
     paths = _all_paths(layout)
     results = _each_file(_inspect, paths, decoding=True, progress=True)
     bad = [(path, problem) for path, (problem, _) in zip(paths, results) if problem is not None]
@@ -307,9 +386,7 @@ def check_report(root: Path) -> tuple[list[str], bool]:
         per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
         lines.append(f"{split}: {_plural(sum(counts.values()), 'image')} ({per_class})")
     lines.extend(f"warning: {line}" for line in layout.warnings)
-    if layout.ignored:
-        lines.append(f"ignored {_plural(len(layout.ignored), 'entry', 'entries')} (hidden, or not "
-                     f"{'/'.join(IMAGE_EXTENSIONS)}): {_listed(layout.root, list(layout.ignored))}")
+    lines.extend(_ignored_lines(layout))
     lines.extend(_conversion_lines(layout.root, [(p, n) for p, (_, n) in zip(paths, results) if n]))
     lines.extend(f"BAD {_shown(path)}: {reason}" for path, reason in bad)
     if bad:

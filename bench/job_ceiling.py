@@ -1,0 +1,226 @@
+"""Whole-job efficiency: `fastft train` timed as a process, against the machine's ceiling for the same job.
+
+    fastft data synth /tmp/job --train 400 --test 200
+    python bench/job_ceiling.py --data /tmp/job                      # finetune and frozen, 3 repeats
+    python bench/job_ceiling.py --data /tmp/job --reference --json job.json   # + the d2l-style runs
+
+Ceiling (measured here, in this process, each repeat): the import of torch and torchvision in a
+fresh interpreter (process wall time), a bare ResNet-18 train step (SGD, summed cross-entropy,
+channels_last, no data) and a bare forward (eval, inference mode), at the job's batch, size and
+AMP dtype (`--amp auto` resolves as the engine does: bf16 on a CPU with AVX512-BF16).
+
+    ideal finetune = import + epochs x train / step rate + epochs x test / forward rate
+    ideal frozen   = import + epochs x train / forward rate + test / forward rate
+                     (the train images only go forward; the test features are kept after epoch 1)
+    efficiency     = ideal / the job's process wall time
+
+Import is timed as the issue's table times it, a whole process (`python -c "import torch,
+torchvision"`), which includes the interpreter's teardown of those modules at exit; the
+efficiency with import timed without that teardown (os._exit) is printed beside it.
+
+Each repeat measures the ceiling and then every job, so a noisy neighbour hits ideal and job alike;
+the table gives every repeat and the median. `--reference` adds each job run with `fastft bench`'s
+REFERENCE settings (torch loader, fp32, NCHW, eager, no fast path, fp32 batches): "vs d2l" is its
+process wall over fastft's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fastft.phases import NAMES
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+REFERENCE_FLAGS = ["--loader", "torch", "--amp", "off", "--no-channels-last", "--no-compile",
+                   "--no-fast-frozen", "--no-uint8-batches"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, type=Path, help="ImageFolder DIR with train/ and test/")
+    p.add_argument("--jobs", default="finetune,frozen", help="strategies, comma-separated")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6, help="timed steps (and forwards) per ceiling")
+    p.add_argument("--reference", action="store_true", help="also run each job with the REFERENCE settings")
+    p.add_argument("--with-teardown", action="store_true",
+                   help="also run each job through main(argv), which exits normally (the teardown kept)")
+    p.add_argument("--extra", default="", help="more `fastft train` flags for the fastft runs")
+    p.add_argument("--json", type=Path)
+    return p.parse_args(argv)
+
+
+def count_images(split: Path) -> int:
+    return sum(1 for p in split.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def import_seconds(teardown: bool = True) -> float:
+    """Wall time of a fresh interpreter that imports torch and torchvision and exits (s); with
+    teardown=False it ends with os._exit, skipping the interpreter's teardown of those modules."""
+    code = "import torch, torchvision" + ("" if teardown else ", os; os._exit(0)")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - start
+
+
+def ceiling_rates(batch: int, size: int, amp: str, steps: int) -> dict:
+    """Bare ResNet-18 (2 classes) img/s: a train step and a forward, random data, no loader."""
+    import torch
+    import torchvision
+
+    from fastft.runtime import pick_amp
+    dtype = pick_amp(amp, torch.device("cpu"))
+    model = torchvision.models.resnet18(num_classes=2).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-3)
+    autocast = lambda: torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None)  # noqa: E731
+
+    def step():
+        with autocast():
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def forward():
+        with torch.inference_mode(), autocast():
+            model(x)
+
+    model.train()
+    step_s = _median_seconds(step, steps)
+    model.eval()
+    forward_s = _median_seconds(forward, steps)
+    return {"amp": str(dtype).replace("torch.", "") if dtype else "fp32",
+            "step_img_s": batch / step_s, "forward_img_s": batch / forward_s}
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ideal_seconds(strategy: str, ceiling: dict, import_s: float, train: int, test: int, epochs: int) -> float:
+    """The job with nothing but import and model work (see the module doc)."""
+    fwd = ceiling["forward_img_s"]
+    if strategy == "frozen":
+        return import_s + epochs * train / fwd + test / fwd
+    return import_s + epochs * train / ceiling["step_img_s"] + epochs * test / fwd
+
+
+# `fastft train` through main(argv): the CLI's fast exit is for the program only, so this one tears down.
+WITH_TEARDOWN = ["-c", "import sys; from fastft.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
+def run_job(args, strategy: str, out: Path, extra: list[str], launcher: list[str] = ("-m", "fastft")) -> dict:
+    """`fastft train` as its own process: wall time (s) and the summary's job_s and phases_s."""
+    cmd = [sys.executable, *launcher, "train", "--data", str(args.data), "--strategy", strategy,
+           "--weights", "none", "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+           "--epochs", str(args.epochs), "--out", str(out), *extra]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    summary = json.loads((out / "summary.json").read_text())
+    return {"cmd": " ".join(cmd[1:]), "wall_s": wall, "job_s": summary.get("job_s"),
+            "phases_s": summary.get("phases_s"), "amp": summary["amp"], "loader": summary["loader"]}
+
+
+def one_repeat(args, repeat: int, jobs: list[str], work: Path, train: int, test: int) -> dict:
+    result = {"import_s": import_seconds(), "import_no_teardown_s": import_seconds(teardown=False),
+              **ceiling_rates(args.batch_size, args.image_size, args.amp, args.steps), "jobs": {}}
+    for strategy in jobs:
+        run = run_job(args, strategy, work / f"{strategy}-{repeat}", args.extra.split())
+        run["ideal_s"] = ideal_seconds(strategy, result, result["import_s"], train, test, args.epochs)
+        run["efficiency"] = run["ideal_s"] / run["wall_s"]
+        # The same ideal with import timed without the interpreter's teardown (see import_seconds).
+        lean = ideal_seconds(strategy, result, result["import_no_teardown_s"], train, test, args.epochs)
+        run["efficiency_no_teardown"] = lean / run["wall_s"]
+        if args.reference:
+            ref = run_job(args, strategy, work / f"{strategy}-ref-{repeat}", REFERENCE_FLAGS)
+            run["reference_wall_s"], run["vs_d2l"] = ref["wall_s"], ref["wall_s"] / run["wall_s"]
+        result["jobs"][strategy] = run
+        print(f"repeat {repeat + 1}: {strategy} {_job_text(run)}", flush=True)
+        if args.with_teardown:
+            kept = run_job(args, strategy, work / f"{strategy}-teardown-{repeat}", args.extra.split(),
+                           WITH_TEARDOWN)
+            run["teardown_wall_s"], run["efficiency_teardown"] = kept["wall_s"], run["ideal_s"] / kept["wall_s"]
+            print(f"repeat {repeat + 1}: {strategy} with the exit teardown {kept['wall_s']:.1f} s "
+                  f"(efficiency {run['efficiency_teardown']:.2f})", flush=True)
+    return result
+
+
+def _job_text(run: dict) -> str:
+    text = f"{run['wall_s']:.1f} s (ideal {run['ideal_s']:.1f} s, efficiency {run['efficiency']:.2f})"
+    if "vs_d2l" in run:
+        text += f", reference {run['reference_wall_s']:.1f} s ({run['vs_d2l']:.2f}x)"
+    phases = run.get("phases_s") or {}
+    text += f"; job_s {run['job_s']:.1f} + {run['wall_s'] - run['job_s']:.1f} s after the summary" if run["job_s"] else ""
+    return text + "; " + ", ".join(f"{k} {phases[k]:.1f}" for k in (*NAMES, "other") if k in phases)
+
+
+def median_of(repeats: list[dict], get) -> float:
+    return statistics.median(get(r) for r in repeats)
+
+
+def summary_lines(repeats: list[dict], jobs: list[str]) -> list[str]:
+    amp = repeats[0]["amp"]
+    lines = [f"medians of {len(repeats)} repeat(s) (min-max in brackets):",
+             f"  import torch, torchvision: {_spread(repeats, lambda r: r['import_s'])} s as a whole process, "
+             f"{_spread(repeats, lambda r: r['import_no_teardown_s'])} s without the exit teardown",
+             f"  ceiling step ({amp}, channels_last): {_spread(repeats, lambda r: r['step_img_s'])} img/s",
+             f"  ceiling forward ({amp}, channels_last): {_spread(repeats, lambda r: r['forward_img_s'])} img/s"]
+    for job in jobs:
+        line = (f"  {job}: whole job {_spread(repeats, lambda r: r['jobs'][job]['wall_s'])} s, "
+                f"ideal {_spread(repeats, lambda r: r['jobs'][job]['ideal_s'])} s, efficiency "
+                f"{_spread(repeats, lambda r: r['jobs'][job]['efficiency'], 2)} (import without teardown: "
+                f"{_spread(repeats, lambda r: r['jobs'][job]['efficiency_no_teardown'], 2)})")
+        if "teardown_wall_s" in repeats[0]["jobs"][job]:
+            line += (f"; exiting with the teardown {_spread(repeats, lambda r: r['jobs'][job]['teardown_wall_s'])}"
+                     f" s, efficiency {_spread(repeats, lambda r: r['jobs'][job]['efficiency_teardown'], 2)}")
+        if "vs_d2l" in repeats[0]["jobs"][job]:
+            line += (f", reference {_spread(repeats, lambda r: r['jobs'][job]['reference_wall_s'])} s, "
+                     f"vs d2l {_spread(repeats, lambda r: r['jobs'][job]['vs_d2l'], 2)}x faster")
+        lines.append(line)
+    return lines
+
+
+def _spread(repeats: list[dict], get, digits: int = 1) -> str:
+    values = [get(r) for r in repeats]
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    jobs = [j for j in args.jobs.split(",") if j]
+    train, test = count_images(args.data / "train"), count_images(args.data / "test")
+    print(f"job: {train} train / {test} test images, {args.image_size} px, batch {args.batch_size}, "
+          f"{args.epochs} epochs, jobs {jobs}, {args.repeats} repeat(s)", flush=True)
+    repeats = []
+    with tempfile.TemporaryDirectory(prefix="fastft-job-") as tmp:
+        for repeat in range(args.repeats):
+            repeats.append(one_repeat(args, repeat, jobs, Path(tmp), train, test))
+            if args.json:  # rewritten after each repeat: a timeout keeps what finished
+                args.json.write_text(json.dumps({"repeats": repeats}, indent=2) + "\n")
+    print("\n".join(summary_lines(repeats, jobs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""The cached data path (`--loader cached`): decode every image once, keep it on the device,
+and make every batch after that with one fused crop-resize-flip-normalise call.
+
+First pass (at construction, with a progress bar on the main process):
+- train images are decoded once into one packed uint8 buffer on the device
+  (fastft_kernels.PackedImages), optionally shrunk so their longest side is at
+  most --cache-max-side px (aspect kept, antialiased);
+- this process's test images go through the chapter's eval transform
+  (Resize([r, r]), CenterCrop(size), normalise) once, and the resulting tensors
+  are KEPT, in the AMP dtype and channels_last: evaluation is then a slice.
+- On CUDA, baseline JPEGs in RGB or grayscale decode in batches with
+  torchvision.io.decode_jpeg(device="cuda") (nvJPEG); everything nvJPEG does not
+  take (PNG, CMYK, other formats, a batch it refuses) decodes on the CPU with
+  images.load_rgb, the decoder every loader uses, and the log says how many. On
+  a CPU, load_rgb (PIL) runs in a thread pool, and the test transform is
+  exactly the torch loader's (PIL resize).
+
+Later epochs: the boxes and flips of a whole epoch are drawn on the host
+(crops.draw_boxes: RandomResizedCrop's rule, per image from (seed, epoch, index))
+and copied to the device once; each step is then one
+fastft_kernels.resized_crop_normalize call (Triton on CUDA, torch on a CPU), with
+no host-device sync.
+
+Memory: the size is known from image headers before anything decodes, so a set
+that does not fit the budget (--cache-gb, default a share of free device memory)
+stops up front. Each process keeps EVERY train image, because one global shuffle
+per epoch can hand any image to any process: fine for sets of a few thousand.
+
+DDP and order: the train order is DistributedSampler's (the same permutation on
+every rank from (seed, epoch), padded to a multiple of the world size, rank r
+takes every world-th index), so one process with batch 32 sees the images that
+4 processes with batch 8 see together, each with the same crop. The ragged last
+batch is dropped when compiling (one shape per step) or when it holds fewer than
+`min_batch` images (too few for BatchNorm, see data.MIN_BN_VALUES), kept otherwise. Evaluation
+is a strided shard: every test image counted exactly once, no padding.
+
+Resume: batches depend on (seed, epoch) only, so there is no loader state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from fastft.config import eval_resize_px
+from fastft.data.crops import draw_boxes
+from fastft.data.images import decode_problem, load_rgb, shown_path
+from fastft.data.layout import DatasetLayout
+from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from fastft.errors import ConfigError, DataError
+
+CACHE_SHARE = 0.5        # of free device memory (CUDA) or of MemAvailable (CPU) for --cache-gb 0
+MB, GB = 2 ** 20, 2 ** 30
+_GPU_BATCH = 64          # files per batched nvJPEG call
+_NVJPEG_MODES = ("RGB", "L")  # JPEG colour modes decode_jpeg(mode=RGB) converts as PIL does
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says, read without decoding it."""
+    height: int
+    width: int
+    nvjpeg: bool  # a JPEG in a mode nvJPEG decodes to PIL's RGB
+
+
+def read_header(path: Path) -> Header:
+    """Image size from the header only (PIL reads no pixels). Raises DataError naming the file."""
+    try:
+        with Image.open(path) as img:
+            return Header(img.height, img.width, img.format == "JPEG" and img.mode in _NVJPEG_MODES)
+    except Exception as exc:  # PIL raises many types on a bad header
+        # The reason `fastft data check` gives for the same file, so every path says it alike.
+        reason = decode_problem(path) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{shown_path(path)}: {reason}") from exc
+
+
+def capped(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """(h, w) with the longest side at most max_side px, aspect kept; max_side 0 = unchanged."""
+    longest = max(height, width)
+    if not max_side or longest <= max_side:
+        return height, width
+    return max(1, round(height * max_side / longest)), max(1, round(width * max_side / longest))
+
+
+def _budget(device: torch.device, cache_gb: float, processes_here: int) -> tuple[int, str]:
+    """(bytes, where the number comes from): --cache-gb, else CACHE_SHARE of what is free."""
+    if cache_gb > 0:
+        return int(cache_gb * GB), f"--cache-gb {cache_gb:g}"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(CACHE_SHARE * free), f"{CACHE_SHARE:.0%} of {free / MB:.0f} MB free on {device}"
+    free = _mem_available()
+    share = f"{CACHE_SHARE:.0%} of {free / MB:.0f} MB MemAvailable"
+    if processes_here > 1:  # processes on one machine share its RAM, each with a full copy
+        return int(CACHE_SHARE * free / processes_here), f"{share} / {processes_here} processes"
+    return int(CACHE_SHARE * free), share
+
+
+def _mem_available() -> int:
+    """Bytes of RAM available (Linux /proc/meminfo), else os.sysconf's physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """Sizes decided from headers, before any pixel is decoded."""
+    train_headers: tuple[Header, ...]
+    train_shapes: tuple[tuple[int, int], ...]  # (h, w) as stored, after --cache-max-side
+    test_headers: tuple[Header, ...]           # this process's test shard
+    train_bytes: int
+    test_bytes: int
+    budget_bytes: int
+    budget_source: str
+
+    @property
+    def need_mb(self) -> float:
+        return (self.train_bytes + self.test_bytes) / MB
+
+    @property
+    def fits(self) -> bool:
+        return self.train_bytes + self.test_bytes <= self.budget_bytes
+
+    def too_big(self, max_side: int) -> ConfigError:
+        side = f"capped at {max_side} px" if max_side else "at full size"
+        return ConfigError(
+            f"--loader cached needs {self.need_mb:.0f} MB ({len(self.train_shapes)} train images {side} + "
+            f"{len(self.test_headers)} test tensors) but its budget is {self.budget_bytes / MB:.0f} MB "
+            f"({self.budget_source}); raise --cache-gb or lower --cache-max-side")
+
+
+def plan_cache(layout: DatasetLayout, image_size: int, rt, cache_gb: float = 0.0,
+               max_side: int = 0, processes_here: int = 1) -> CachePlan:
+    """The cache's size from headers, against its budget (bytes: train uint8 HWC pixels plus the
+    kept test tensors, 3 x size^2 in the AMP dtype each)."""
+    train = tuple(read_header(p) for p, _ in layout.files["train"])
+    test = tuple(read_header(p) for p, _ in layout.files["test"][rt.rank:: rt.world_size])
+    shapes = tuple(capped(h.height, h.width, max_side) for h in train)
+    item = torch.empty((), dtype=rt.amp_dtype or torch.float32).element_size()
+    budget, source = _budget(rt.device, cache_gb, processes_here)
+    return CachePlan(train, shapes, test, sum(3 * h * w for h, w in shapes),
+                     len(test) * 3 * image_size ** 2 * item, budget, source)
+
+
+class _Batches:
+    """One pass over a split: len() is batches on this process."""
+
+    def __init__(self, make: Callable[[], Iterator], length: int):
+        self.make, self.length = make, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.make()
+
+
+class CachedLoaders:
+    """Train and test batches made on rt.device from images decoded once; see the module doc."""
+
+    name = "cached"
+
+    def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, rt, seed: int, *,
+                 plan: CachePlan, max_side: int = 0, drop_ragged: bool = False, progress: bool = False,
+                 threads: int = 0, min_batch: int = 1):
+        """`plan`: from plan_cache, for the same layout and runtime. Raises ConfigError when it
+        does not fit, DataError naming a file that does not decode."""
+        if not plan.fits:
+            raise plan.too_big(max_side)
+        self.classes: Sequence[str] = layout.classes
+        self.rt, self.size, self.batch, self.seed, self.plan = rt, image_size, batch_per_rank, seed, plan
+        self.max_side, self.threads = max_side, threads or os.cpu_count() or 1
+        self.train_size, self.test_size = len(layout.files["train"]), len(layout.files["test"])
+        self.sampler = DistributedSampler(range(self.train_size), num_replicas=rt.world_size, rank=rt.rank,
+                                          shuffle=True, seed=seed, drop_last=False)
+        shard = len(self.sampler)
+        ragged = shard % batch_per_rank
+        self.ragged_reason = "one shape for torch.compile" if drop_ragged else \
+            f"fewer than {min_batch} images: too few for BatchNorm's batch statistics at this image size"
+        # Never drop the only batch.
+        self.drop = (drop_ragged or 0 < ragged < min_batch) and shard >= batch_per_rank
+        self.steps = shard // batch_per_rank if self.drop else math.ceil(shard / batch_per_rank)
+        self.dtype = rt.amp_dtype or torch.float32
+        self._decode_all(layout, progress)
+
+    # --- the first pass ---------------------------------------------------------------------
+    def _decode_all(self, layout: DatasetLayout, progress: bool) -> None:
+        from fastft_kernels import PackedImages
+        device, started = self.rt.device, time.perf_counter()
+        train, test = layout.files["train"], layout.files["test"][self.rt.rank:: self.rt.world_size]
+        shapes = self.plan.train_shapes
+        sizes = np.array([3 * h * w for h, w in shapes], dtype=np.int64)
+        offsets = np.cumsum(sizes) - sizes
+        data = torch.empty(int(sizes.sum()), dtype=torch.uint8, device=device)
+        self.test_x = torch.empty(len(test), self.size, self.size, 3, dtype=self.dtype,
+                                  device=device).permute(0, 3, 1, 2)  # channels_last
+        self.cpu_decoded = 0
+
+        def store(i: int, hwc: torch.Tensor) -> None:
+            h, w = shapes[i]
+            data[offsets[i]: offsets[i] + sizes[i]].view(h, w, 3).copy_(_fit(hwc, h, w, train[i][0]))
+
+        with tqdm(total=len(train) + len(test), desc="decoding once", unit="img", leave=False,
+                  disable=None if progress else True, dynamic_ncols=True) as bar:
+            self._decode_split(train, self.plan.train_headers, store, bar)
+            self._decode_test(test, lambda i, x: self.test_x[i].copy_(x), bar)
+        self.images = PackedImages(data, torch.as_tensor(offsets, device=device),
+                                   torch.tensor([h for h, _ in shapes], dtype=torch.int32, device=device),
+                                   torch.tensor([w for _, w in shapes], dtype=torch.int32, device=device))
+        self.labels = torch.tensor([label for _, label in train], dtype=torch.int64, device=device)
+        self.test_y = torch.tensor([label for _, label in test], dtype=torch.int64, device=device)
+        self._hw = np.array(shapes, dtype=np.int64).reshape(-1, 2)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the decode time below is the decode's, not its launch's
+        self.decode_s = time.perf_counter() - started
+
+    def _nvjpeg(self) -> bool:
+        """Whether JPEGs decode in batches with decode_jpeg on the device (nvJPEG on CUDA).
+        One place to ask, so a CPU test can drive this path with torchvision's CPU decoder."""
+        return self.rt.device.type == "cuda"
+
+    def _decode_split(self, files, headers, store, bar) -> None:
+        """Decode files[i] to uint8 (H, W, 3) on the device and hand it to store(i, image)."""
+        on_gpu = self._nvjpeg()
+        gpu = [i for i, h in enumerate(headers) if on_gpu and h.nvjpeg]
+        for start in range(0, len(gpu), _GPU_BATCH):
+            chunk = gpu[start: start + _GPU_BATCH]
+            for i, chw in zip(chunk, _decode_jpegs([files[i][0] for i in chunk], self.rt.device)):
+                self.cpu_decoded += chw is None
+                store(i, chw.permute(1, 2, 0) if chw is not None else self._cpu(files[i][0]))
+            bar.update(len(chunk))
+        on_cpu = sorted(set(range(len(files))) - set(gpu))
+        self.cpu_decoded += len(on_cpu) if on_gpu else 0  # a CPU fallback is counted on a GPU run only
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            for _ in pool.map(lambda i: store(i, self._cpu(files[i][0])), on_cpu):
+                bar.update(1)
+
+    def _cpu(self, path: Path) -> torch.Tensor:
+        """load_rgb (PIL, the decoder every loader uses), as uint8 (H, W, 3) on the device."""
+        return torch.from_numpy(np.array(load_rgb(path))).to(self.rt.device)
+
+    def _decode_test(self, files, keep, bar) -> None:
+        """keep(i, fp32 (3, S, S)): the chapter's eval transform of this process's test image i."""
+        if not self._nvjpeg():  # exactly the torch loader's: PIL resize, then crop
+            transform = eval_transform(self.size)
+            with ThreadPoolExecutor(max_workers=self.threads) as pool:
+                for i, x in enumerate(pool.map(lambda f: transform(load_rgb(f[0])), files)):
+                    keep(i, x)
+                    bar.update(1)
+            return
+        headers = self.plan.test_headers
+        self._decode_split(files, headers, lambda i, hwc: keep(i, _eval_on_device(hwc, self.size)), bar)
+
+    # --- the backend interface ----------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return self.steps
+
+    def train_batch_sizes(self) -> set[int]:
+        """Images per process in the train steps."""
+        full, ragged = divmod(len(self.sampler), self.batch)
+        return ({self.batch} if full else set()) | ({ragged} if ragged and not self.drop else set())
+
+    def train_batches(self, epoch: int) -> _Batches:
+        return _Batches(lambda: self._train_pass(epoch), self.steps)
+
+    def test_batches(self) -> _Batches:
+        n = len(self.test_y)
+        return _Batches(lambda: ((self.test_x[s: s + self.batch], self.test_y[s: s + self.batch])
+                                 for s in range(0, n, self.batch)), math.ceil(n / self.batch))
+
+    def train_eval_batches(self) -> _Batches:
+        """The train split through the TEST transform (Resize([r, r]), CenterCrop, normalise),
+        made on the device from the kept pixels (no file is read again), in order, each image
+        once over all processes (the test split's strided shard): what --strategy probe computes
+        its kept features from, once per run. With --cache-max-side, from the capped pixels."""
+        mine = list(range(self.rt.rank, self.train_size, self.rt.world_size))
+        return _Batches(lambda: self._train_eval_pass(mine), math.ceil(len(mine) / self.batch))
+
+    def _train_eval_pass(self, indices: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        sizes = 3 * self._hw[:, 0] * self._hw[:, 1]
+        offsets = np.cumsum(sizes) - sizes  # on the host: no device read per image
+        layout = torch.channels_last if self.rt.channels_last else torch.contiguous_format
+        for start in range(0, len(indices), self.batch):
+            chunk = indices[start: start + self.batch]
+            pixels = [self.images.data[offsets[i]: offsets[i] + sizes[i]].view(*self._hw[i], 3) for i in chunk]
+            with _one_cpu_thread(self.rt.device):  # small per-image ops, as the train pass (below)
+                x = torch.stack([_eval_on_device(hwc, self.size) for hwc in pixels])
+            yield x.to(self.dtype).contiguous(memory_format=layout), self.labels[chunk]
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batches are made on the device, in the training layout and dtype, already."""
+        return x, y
+
+    def epoch_plan(self, epoch: int) -> torch.Tensor:
+        """int64 (steps x batch or fewer, 6) on the device: index, top, left, height, width, flip
+        of every sample this process trains on in `epoch`, in order: one host-to-device copy."""
+        self.sampler.set_epoch(epoch)
+        order = np.fromiter(iter(self.sampler), dtype=np.int64, count=len(self.sampler))
+        order = order[: self.steps * self.batch]
+        boxes, flips = draw_boxes(self.seed, epoch, order, self._hw[order, 0], self._hw[order, 1])
+        rows = np.concatenate([order[:, None], boxes, flips[:, None].astype(np.int64)], axis=1)
+        return torch.from_numpy(rows).to(self.rt.device)
+
+    def _train_pass(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from fastft_kernels import resized_crop_normalize
+        rows = self.epoch_plan(epoch)
+        for start in range(0, len(rows), self.batch):
+            step = rows[start: start + self.batch]
+            index = step[:, 0].contiguous()
+            with _one_cpu_thread(self.rt.device):
+                x = resized_crop_normalize(self.images, index, step[:, 1:5].float(), step[:, 5].bool(),
+                                           self.size, IMAGENET_MEAN, IMAGENET_STD, self.dtype)
+            yield (x if self.rt.channels_last else x.contiguous()), self.labels[index]
+
+    def describe(self) -> list[str]:
+        p, s = self.plan, self.cache_stats()
+        side = f"longest side capped at {self.max_side} px" if self.max_side else "full size"
+        where = (f"{len(p.train_shapes) + len(p.test_headers) - self.cpu_decoded} with nvJPEG on "
+                 f"{self.rt.device}, {self.cpu_decoded} on the CPU (PNG, CMYK, other formats, refused)"
+                 if self._nvjpeg() else f"PIL in {self.threads} threads")
+        lines = [f"cached: decoded once in {self.decode_s:.1f} s ({where}): {self.train_size} train images "
+                 f"({side}, {s['cache_train_mb']:.0f} MB) + {len(p.test_headers)} test tensors "
+                 f"({s['cache_test_mb']:.0f} MB) on {self.rt.device}, budget {p.budget_bytes / MB:.0f} MB "
+                 f"({p.budget_source}); every process keeps every train image"]
+        dropped = len(self.sampler) - self.steps * self.batch if self.drop else 0
+        lines.append(f"cached train: {self.steps} steps of {self.batch} per process, "
+                     + (f"dropping the ragged last {dropped} images per epoch ({self.ragged_reason})"
+                        if dropped else "the ragged last batch kept" if len(self.sampler) % self.batch
+                        else "no ragged batch"))
+        return lines
+
+    def cache_stats(self) -> dict:
+        """For summary.json: the cache's size (MB) and the first pass's decode time (s)."""
+        train_mb = self.images.nbytes / MB
+        test_mb = (self.test_x.numel() * self.test_x.element_size()) / MB
+        return {"cache_mb": round(train_mb + test_mb, 1), "cache_train_mb": round(train_mb, 1),
+                "cache_test_mb": round(test_mb, 1), "cache_decode_s": round(self.decode_s, 2),
+                "cache_cpu_decoded": self.cpu_decoded}
+
+    def state_dict(self) -> None:
+        """Nothing to keep: batches depend on (seed, epoch) only."""
+        return None
+
+    def load_state_dict(self, state) -> None:
+        """Nothing to restore (a state saved by another loader is ignored: the streams are pure)."""
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device):
+    """On a CPU, run the kernel's torch path on one intra-op thread. It is a loop of small
+    per-image ops, each an OpenMP region: on a busy machine every region waits for a
+    descheduled second thread (2 cores shared with other work: 0.4 batches/s at 224 px with
+    2 threads, 9.8 with 1, bench/cached_loader.py). The step's own threads are restored after."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(hwc: torch.Tensor, height: int, width: int, path: Path) -> torch.Tensor:
+    """The decoded image at its planned stored size: resized (antialiased) when capped;
+    a decoded size that differs from the header's is an error naming the file."""
+    if tuple(hwc.shape) == (height, width, 3):
+        return hwc
+    from torchvision.transforms.v2.functional import resize
+    h, w = hwc.shape[:2]
+    if capped(h, w, max(height, width)) != (height, width):
+        raise DataError(f"{shown_path(path)}: decodes to {h}x{w} px, its header says otherwise")
+    return resize(hwc.permute(2, 0, 1), [height, width], antialias=True).permute(1, 2, 0)
+
+
+def _eval_on_device(hwc: torch.Tensor, size: int) -> torch.Tensor:
+    """The chapter's eval transform on a decoded uint8 image already on the device: fp32 (3, S, S)."""
+    from torchvision.transforms.v2.functional import center_crop, resize
+    resized = center_crop(resize(hwc.permute(2, 0, 1), [eval_resize_px(size)] * 2, antialias=True), [size, size])
+    mean = torch.tensor(IMAGENET_MEAN, device=hwc.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=hwc.device).view(3, 1, 1)
+    return (resized.float() / 255 - mean) / std
+
+
+def _decode_jpegs(paths: list, device: torch.device) -> list[torch.Tensor | None]:
+    """uint8 (3, H, W) per JPEG from one batched nvJPEG call; None where nvJPEG refuses a file
+    (the batch is retried file by file to find which)."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    encoded = [read_file(os.fspath(p)) for p in paths]
+    try:
+        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        out = []
+        for data in encoded:
+            try:
+                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
