@@ -195,9 +195,10 @@ def exit_without_teardown(status: int) -> None:
     the summary is written (bench/job_ceiling.py). The run has closed its own files by then."""
     import atexit
     import threading
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter does first at exit: tell thread pools to stop (concurrent.futures
+    # registers that hook; Inductor's compile pool is one), then join every non-daemon thread.
+    # Joining a pool's idle workers before that hook runs would wait forever.
+    threading._shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
