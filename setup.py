@@ -14,7 +14,8 @@ setup(
         "dali-cu13": ["nvidia-dali-cuda130"],
         "plot": ["matplotlib"],
         # Tests run the DALI pipelines with CPU operators, so CI installs DALI where wheels exist.
-        "test": ["pytest", "pytest-benchmark",
+        # safetensors: a test writes a .safetensors file for --weights, as other tools do.
+        "test": ["pytest", "pytest-benchmark", "safetensors",
                  "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["fastft=fastft.cli:main"]},
