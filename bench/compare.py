@@ -24,9 +24,11 @@ import math
 import sys
 from pathlib import Path
 
-# CPU seconds, not wall: on a shared machine the wall ratio also carries how the scheduler split
-# the cores, and DALI's threads keep decoding while the torch loader is timed (bench/README.md).
-RATIO_KEYS = ("speedup_vs_reference_cpu",)
+# Each benchmark names the ratio to gate in extra_info["gate_key"]: CPU seconds, not wall (on a
+# shared machine the wall ratio also carries how the scheduler split the cores, and DALI's threads
+# keep decoding while the torch loader is timed), against a reference of the same precision
+# (bench/README.md). A save without gate_key is gated on DEFAULT_KEY.
+DEFAULT_KEY = "speedup_vs_reference_cpu"
 # Percent a ratio may fall before the gate fails. No-change saves on a shared 2-core CPU (load
 # 10-13) moved a ratio by up to ~10% against their baseline; a 30% slowdown moves it by -23%.
 THRESHOLD = 15.0
@@ -66,13 +68,20 @@ def latest_saves(storage: Path, count: int) -> list[Path]:
     return saves[-count:]
 
 
-def ratios(path: Path, keys: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """{benchmark fullname: {key: ratio}} from one save; benchmarks without a ratio map to {}."""
+def ratios(path: Path, keys: tuple[str, ...] | None) -> dict[str, dict[str, float]]:
+    """{benchmark fullname: {key: ratio}} from one save; benchmarks without a ratio map to {}.
+
+    keys None: each benchmark's own `gate_key` from its extra_info (the same-run ratio it names as
+    stable), or DEFAULT_KEY where a save has none (saves written before gate_key existed)."""
     try:
         data = json.loads(path.read_text())
         benchmarks = data["benchmarks"]
-        return {b.get("fullname", b["name"]): {k: float(b["extra_info"][k]) for k in keys
-                                               if k in b.get("extra_info", {})} for b in benchmarks}
+        found = {}
+        for b in benchmarks:
+            info = b.get("extra_info", {})
+            wanted = keys or (info.get("gate_key", DEFAULT_KEY),)
+            found[b.get("fullname", b["name"])] = {k: float(info[k]) for k in wanted if k in info}
+        return found
     except OSError as e:
         raise SaveError(f"{path}: cannot read ({e.strerror})") from None
     except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -100,13 +109,12 @@ def compare(old: dict, new: dict, threshold: float) -> tuple[list[tuple], bool]:
     return rows, failed
 
 
-def table(rows: list[tuple], keys: tuple[str, ...]) -> str:
-    """Plain-text table; the key column only when more than one ratio key is compared."""
+def table(rows: list[tuple]) -> str:
+    """Plain-text table, a row per benchmark and ratio key."""
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
-    head = ["benchmark"] + (["ratio"] if len(keys) > 1 else []) + ["old", "new", "change", ""]
-    body = [[name] + ([key] if len(keys) > 1 else [])
-            + [num(a, ".3f"), num(b, ".3f"), num(c, "+.1f") + ("%" if c is not None else ""), v]
+    head = ["benchmark", "ratio", "old", "new", "change", ""]
+    body = [[name, key or "-", num(a, ".3f"), num(b, ".3f"), num(c, "+.1f") + ("%" if c is not None else ""), v]
             for name, key, a, b, c, v in rows]
     widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + body)
@@ -122,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=THRESHOLD,
                         help=f"percent a ratio may fall before the gate fails (default {THRESHOLD:g})")
     parser.add_argument("--key", action="append", dest="keys",
-                        help=f"extra_info ratio to compare (repeatable; default {', '.join(RATIO_KEYS)})")
+                        help="extra_info ratio to compare for every benchmark (repeatable; default: each "
+                             f"benchmark's gate_key, else {DEFAULT_KEY})")
     args = parser.parse_args(argv)
     if len(args.saves) > 2:
         parser.error("give at most two saves: old and new")
-    keys, storage = tuple(args.keys or RATIO_KEYS), Path(args.storage)
+    keys, storage = tuple(args.keys) if args.keys else None, Path(args.storage)
     try:
         refs = [find_save(s, storage) for s in args.saves]
         if len(refs) < 2:
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
     print(f"old: {old_path}\nnew: {new_path}")
-    print(table(rows, keys))
+    print(table(rows))
     gated = [r[4] for r in rows if r[4] is not None]
     worst = f"; largest fall {-min(gated):.1f}%" if gated and min(gated) < 0 else ""
     verdict = "FAIL: a ratio fell" if failed else "pass: no ratio fell"

@@ -53,10 +53,11 @@ def run(gate, capsys, storage: Path, *argv: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def rows(out: str) -> dict[str, list[str]]:
-    """The printed table as {benchmark: [old, new, change, verdict]} (columns are 2+ spaces apart)."""
-    return {cells[0]: cells[1:] for cells in (re.split(r" {2,}", line) for line in out.splitlines())
-            if cells[0].startswith("tests/")}
+def rows(out: str, key: str = "speedup_vs_reference_cpu") -> dict[str, list[str]]:
+    """The printed table's rows of ratio `key` (or of no ratio: "-") as {benchmark: [old, new,
+    change, verdict]} (columns are 2+ spaces apart)."""
+    return {cells[0]: cells[2:] for cells in (re.split(r" {2,}", line) for line in out.splitlines())
+            if cells[0].startswith("tests/") and cells[1] in (key, "-")}
 
 
 def test_equal_ratios_pass_and_saves_are_found_by_number(gate, capsys, tmp_path):
@@ -85,7 +86,28 @@ def test_a_fall_within_the_threshold_passes_and_one_past_it_fails(gate, capsys, 
     assert run(gate, capsys, tmp_path, "1", "3", "--threshold", "35")[0] == 0
     # Only the named ratio is gated: the wall-time one did not move.
     rc, out, _ = run(gate, capsys, tmp_path, "1", "3", "--key", "speedup_vs_reference")
-    assert rc == 0 and rows(out)[STEP] == ["9.000", "9.000", "+0.0%", "ok"]
+    assert rc == 0 and rows(out, "speedup_vs_reference")[STEP] == ["9.000", "9.000", "+0.0%", "ok"]
+
+
+def test_each_benchmark_is_gated_on_its_own_gate_key(gate, capsys, tmp_path):
+    """A step benchmark names its same-precision ratio; the d2l ratio beside it is not gated."""
+    def with_bare(path: Path, bare: float) -> None:
+        data = json.loads(path.read_text())
+        for b in data["benchmarks"]:
+            if b["fullname"] == STEP:
+                b["extra_info"].update(speedup_vs_bare_cpu=bare, gate_key="speedup_vs_bare_cpu")
+        path.write_text(json.dumps(data))
+    with_bare(save(tmp_path, 1, {STEP: 1.0, DALI: 2.0}), 0.8)
+    with_bare(save(tmp_path, 2, {STEP: 0.6, DALI: 2.0}), 0.8)   # the d2l ratio fell 40%: not gated
+    with_bare(save(tmp_path, 3, {STEP: 1.0, DALI: 2.0}), 0.6)   # the gated ratio fell 25%
+    rc, out, _ = run(gate, capsys, tmp_path, "1", "2")
+    assert rc == 0 and "(2 compared)" in out
+    assert rows(out, "speedup_vs_bare_cpu")[STEP] == ["0.800", "0.800", "+0.0%", "ok"]
+    assert STEP not in rows(out)  # no speedup_vs_reference_cpu row for it
+    rc, out, _ = run(gate, capsys, tmp_path, "1", "3")
+    assert rc == 1 and rows(out, "speedup_vs_bare_cpu")[STEP] == ["0.800", "0.600", "-25.0%", "REGRESSED"]
+    # --key overrides every benchmark's own choice.
+    assert run(gate, capsys, tmp_path, "1", "3", "--key", "speedup_vs_reference_cpu")[0] == 0
 
 
 def test_no_saves_named_compares_the_two_latest_and_one_named_against_the_latest(gate, capsys, tmp_path):

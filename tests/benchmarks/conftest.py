@@ -88,34 +88,37 @@ def median_ratio(m: list, r: list, clock: int) -> float:
     return statistics.median(b[clock] / a[clock] for a, b in zip(m, r))
 
 
-def interleave(measured, reference, margs: tuple, rargs: tuple, rounds: int, warmup: int) -> Pair:
-    """Time `measured(*margs)` and `reference(*rargs)` in alternating order, `rounds` calls each."""
+def interleave(measured, margs: tuple, references: dict, rounds: int, warmup: int) -> dict[str, Pair]:
+    """Time `measured(*margs)` against each `references[name] = (fn, args)` in rotating order,
+    `rounds` calls each; {name: Pair of measured against that reference}."""
+    calls = [(measured, margs)] + list(references.values())
     for _ in range(warmup):
-        measured(*margs)
-        reference(*rargs)
-    m, r = [], []
+        for fn, args in calls:
+            fn(*args)
+    times = [[] for _ in calls]
     for i in range(rounds):
-        # Alternate who goes first, so neither side always runs just after the other's cache misses.
-        if i % 2:
-            r.append(seconds(reference, rargs))
-            m.append(seconds(measured, margs))
-        else:
-            m.append(seconds(measured, margs))
-            r.append(seconds(reference, rargs))
-    return Pair(statistics.median(t[0] for t in m), statistics.median(t[0] for t in r),
-                median_ratio(m, r, 0), median_ratio(m, r, 1), rounds)
+        # Rotate who goes first, so no side always runs just after another's cache misses.
+        order = list(range(len(calls)))
+        order = order[i % len(order):] + order[:i % len(order)]
+        for k in order:
+            times[k].append(seconds(*calls[k]))
+    m = times[0]
+    return {name: Pair(statistics.median(t[0] for t in m), statistics.median(t[0] for t in r),
+                       median_ratio(m, r, 0), median_ratio(m, r, 1), rounds)
+            for name, r in zip(references, times[1:])}
 
 
 @pytest.fixture
 def pair(benchmark, slowdown):
-    """`pair(measured, reference, margs, rargs)` -> (the measured callable as benchmarked, Pair).
+    """`pair(measured, margs, reference=(fn, args), ...)` -> (the measured callable as benchmarked,
+    {reference name: Pair}).
 
     Timed runs take ROUNDS rounds after WARMUP; with --benchmark-disable (CI) one round and no
-    warm-up, so the numbers exist and cost two calls. The returned callable carries the slowdown,
-    so pytest-benchmark's own timing of it shows the injected regression too.
+    warm-up, so the numbers exist and cost one call of each. The returned callable carries the
+    slowdown, so pytest-benchmark's own timing of it shows the injected regression too.
     """
-    def run(measured, reference, margs: tuple = (), rargs: tuple = ()):
+    def run(measured, margs: tuple = (), **references):
         measured = slowed(measured, slowdown)
         rounds, warmup = (1, 0) if benchmark.disabled else (ROUNDS, WARMUP)
-        return measured, interleave(measured, reference, margs, rargs, rounds, warmup)
+        return measured, interleave(measured, margs, references, rounds, warmup)
     return run
