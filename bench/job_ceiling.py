@@ -3,6 +3,10 @@
     fastft data synth /tmp/job --train 400 --test 200
     python bench/job_ceiling.py --data /tmp/job                      # finetune and frozen, 3 repeats
     python bench/job_ceiling.py --data /tmp/job --reference --json job.json   # + the d2l-style runs
+    python bench/job_ceiling.py --data /tmp/job --timm train.py      # + timm's train.py (finetune)
+
+timm's train.py is the script at the top of github.com/huggingface/pytorch-image-models (not in
+the pip package; `pip install timm` for the library it imports).
 
 Ceiling (measured here, in this process, each repeat): the import of torch and torchvision in a
 fresh interpreter (process wall time), a bare ResNet-18 train step (SGD, summed cross-entropy,
@@ -55,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", action="store_true", help="also run each job with the REFERENCE settings")
     p.add_argument("--with-teardown", action="store_true",
                    help="also run each job through main(argv), which exits normally (the teardown kept)")
+    p.add_argument("--timm", type=Path, metavar="TRAIN_PY",
+                   help="also run the finetune job with timm's train.py (fp32, channels_last, 2 workers)")
     p.add_argument("--extra", default="", help="more `fastft train` flags for the fastft runs")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
@@ -142,6 +148,21 @@ def run_job(args, strategy: str, out: Path, extra: list[str], launcher: list[str
             "phases_s": summary.get("phases_s"), "amp": summary["amp"], "loader": summary["loader"]}
 
 
+def timm_job(args, out: Path) -> float:
+    """Process wall time (s) of the same finetune job through timm's train.py, as the issue's table
+    ran it: fp32, channels_last, 2 workers, random init (--weights none), plain momentum SGD at
+    the chapter's lr, no schedule (a step schedule that never steps), evaluation every epoch."""
+    cmd = [sys.executable, str(args.timm), "--data-dir", str(args.data), "--train-split", "train",
+           "--val-split", "test", "--model", "resnet18", "--num-classes", "2",
+           "--img-size", str(args.image_size), "-b", str(args.batch_size), "--epochs", str(args.epochs),
+           "--channels-last", "-j", "2", "--device", "cpu", "--opt", "momentum", "--lr", "5e-5",
+           "--weight-decay", "1e-3", "--sched", "step", "--decay-epochs", "1000", "--warmup-epochs", "0",
+           "--output", str(out), "--log-interval", "1000"]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
 def one_repeat(args, repeat: int, jobs: list[str], work: Path, train: int, test: int) -> dict:
     result = {"import_s": import_seconds(), "import_no_teardown_s": import_seconds(teardown=False),
               **ceiling_rates(args.batch_size, args.image_size, args.amp, args.steps), "jobs": {}}
@@ -155,6 +176,9 @@ def one_repeat(args, repeat: int, jobs: list[str], work: Path, train: int, test:
         if args.reference:
             ref = run_job(args, strategy, work / f"{strategy}-ref-{repeat}", REFERENCE_FLAGS)
             run["reference_wall_s"], run["vs_d2l"] = ref["wall_s"], ref["wall_s"] / run["wall_s"]
+        if args.timm and strategy == "finetune":  # timm has no frozen mode
+            run["timm_wall_s"] = timm_job(args, work / f"timm-{repeat}")
+            run["vs_timm"] = run["timm_wall_s"] / run["wall_s"]
         result["jobs"][strategy] = run
         print(f"repeat {repeat + 1}: {strategy} {_job_text(run)}", flush=True)
         if args.with_teardown:
@@ -170,6 +194,8 @@ def _job_text(run: dict) -> str:
     text = f"{run['wall_s']:.1f} s (ideal {run['ideal_s']:.1f} s, efficiency {run['efficiency']:.2f})"
     if "vs_d2l" in run:
         text += f", reference {run['reference_wall_s']:.1f} s ({run['vs_d2l']:.2f}x)"
+    if "vs_timm" in run:
+        text += f", timm {run['timm_wall_s']:.1f} s ({run['vs_timm']:.2f}x)"
     phases = run.get("phases_s") or {}
     text += f"; job_s {run['job_s']:.1f} + {run['wall_s'] - run['job_s']:.1f} s after the summary" if run["job_s"] else ""
     return text + "; " + ", ".join(f"{k} {phases[k]:.1f}" for k in (*NAMES, "other") if k in phases)
@@ -197,6 +223,9 @@ def summary_lines(repeats: list[dict], jobs: list[str]) -> list[str]:
         if "vs_d2l" in repeats[0]["jobs"][job]:
             line += (f", reference {_spread(repeats, lambda r: r['jobs'][job]['reference_wall_s'])} s, "
                      f"vs d2l {_spread(repeats, lambda r: r['jobs'][job]['vs_d2l'], 2)}x faster")
+        if "vs_timm" in repeats[0]["jobs"][job]:
+            line += (f", timm {_spread(repeats, lambda r: r['jobs'][job]['timm_wall_s'])} s, "
+                     f"vs timm {_spread(repeats, lambda r: r['jobs'][job]['vs_timm'], 2)}x faster")
         lines.append(line)
     return lines
 

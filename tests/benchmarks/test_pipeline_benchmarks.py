@@ -44,7 +44,10 @@ def test_torch_loader_epoch(benchmark, make_cfg):
 
 def test_dali_loader_epoch(benchmark, pair, make_cfg):
     pytest.importorskip("nvidia.dali", reason="nvidia.dali does not import here (Linux wheels only)")
-    dali = loaders_for(make_cfg(loader="dali"))
+    # One DALI thread against the reference's one process: each side on one core, so a neighbour
+    # that takes a core slows both alike (with DALI's default of one thread per core, no-change
+    # ratios moved by up to 15% between saves on a shared 2-core machine; bench/README.md).
+    dali = loaders_for(make_cfg(loader="dali", workers=1))
     reference = loaders_for(make_cfg(loader="torch"))
     assert type(dali).__name__ != type(reference).__name__, "--loader dali must build the DALI backend"
     epochs = itertools.count()
