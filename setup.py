@@ -12,10 +12,15 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "dali-cu13": ["nvidia-dali-cuda130"],
-        "plot": ["matplotlib"],
-        # Tests run the DALI pipelines with CPU operators, so CI installs DALI where wheels exist.
-        # safetensors: a test writes a .safetensors file for --weights, as other tools do.
-        "test": ["pytest", "pytest-benchmark", "safetensors",
+        # After training (each imported only by the command that needs it, with this hint when missing):
+        "plot": ["matplotlib"],                            # curves.png, fastft plot, eval's PNGs
+        "safetensors": ["safetensors"],                    # model.safetensors, --weights *.safetensors
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],     # fastft export --format onnx, predict --model
+        "tensorboard": ["tensorboard"],                    # fastft train --tensorboard
+        # Tests run the DALI pipelines with CPU operators, so CI installs DALI where wheels exist,
+        # and every optional package above, so the tests of what they serve run rather than skip.
+        "test": ["pytest", "pytest-benchmark", "safetensors", "matplotlib", "onnx", "onnxscript",
+                 "onnxruntime", "tensorboard",
                  "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["fastft=fastft.cli:main"]},

@@ -1,4 +1,4 @@
-"""The `fastft` command line: train, data synth|download|check, predict, bench.
+"""The `fastft` command line: train, data synth|download|check, predict, eval, export, plot, bench.
 
     fastft train --data synthetic                       # no download needed
     fastft train --strategy frozen --out runs/frozen    # the chapter's hotdog set
@@ -80,6 +80,8 @@ def add_train_parser(sub) -> None:
                    help="multi-process: sync BatchNorm statistics across ranks (default: per rank)")
     p.add_argument("--dist-timeout", dest="dist_timeout_s", type=float,
                    help="seconds a rank waits on a collective before the job fails (default: 300)")
+    p.add_argument("--tensorboard", action="store_true", help="also write per-epoch scalars (loss, "
+                   "accuracies, examples/sec, lr) to RUN_DIR/tb; needs pip install tensorboard")
 
 
 def add_data_parser(sub) -> None:
@@ -96,10 +98,44 @@ def add_data_parser(sub) -> None:
 
 
 def add_predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="classify images with a trained run")
-    p.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR or its checkpoint.pt")
+    p = sub.add_parser("predict", help="classify images with a trained run or an exported model")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="RUN_DIR or its checkpoint.pt")
+    source.add_argument("--model", type=Path, help="a .onnx (run by ONNX Runtime) or .pt2 file from "
+                        "`fastft export`, with its PATH.json sidecar, or a run's model.safetensors")
     p.add_argument("--device", default="cpu", help="cpu|cuda (default: cpu)")
     p.add_argument("images", nargs="+", type=Path)
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a run's model as ONNX or a torch.export program, checked",
+                       description="Exports with a dynamic batch axis, checks the file's logits against "
+                       "PyTorch's at batch sizes 1 and N, and writes PATH.json (classes, preprocessing) next "
+                       "to it, so `fastft predict --model PATH` needs nothing else.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR or its checkpoint.pt")
+    p.add_argument("--format", required=True, choices=["onnx", "pt2"], dest="fmt")
+    p.add_argument("--out", type=Path, help="file to write (default: RUN_DIR/model.FORMAT)")
+    p.add_argument("--images", nargs="+", type=Path, help="images to check on (default: up to 8 of the "
+                   "run's test split; random inputs, said so, where its data folder is not here)")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the check (e.g. without onnxruntime); the sidecar records it as unchecked")
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score a trained run on a split: per-class table, confusion matrix, "
+                       "most confident mistakes", description="Numbers as scikit-learn's classification_report "
+                       "(0.0 where a denominator is 0); writes eval.json, confusion.png and mistakes.png "
+                       "(the PNGs need matplotlib).")
+    p.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR or its checkpoint.pt")
+    p.add_argument("--data", help="ImageFolder DIR or 'synthetic' (default: the run's own --data)")
+    p.add_argument("--split", choices=["test", "train"], default="test",
+                   help="train takes the test transform too, no augmentation (default: test)")
+    p.add_argument("--top", type=int, default=16, help="most confident mistakes to list and draw (default: 16)")
+    p.add_argument("--loader", choices=["torch", "dali", "cached"], default="torch",
+                   help="the backend whose test pipeline reads the split (default: torch)")
+    p.add_argument("--device", default="cpu", help="cpu|cuda|cuda:N (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--out", type=Path, help="folder for eval.json and the PNGs (default: RUN_DIR/eval-SPLIT)")
 
 
 def add_bench_parser(sub) -> None:
@@ -129,13 +165,25 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="show the engine's own lines")
 
 
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="overlay runs' train loss, train acc and test acc in one PNG",
+                       description="One panel per metric, one line per run, labelled by its strategy. Each "
+                                   "run also keeps its own RUN_DIR/curves.png.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders (with metrics.jsonl)")
+    p.add_argument("--out", type=Path, default=Path("runs-curves.png"),
+                   help="PNG to write (default: runs-curves.png in the current folder; needs matplotlib)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="Fine-tune ResNet-18 fast (d2l.ai 13.2).")
     sub = p.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_data_parser(sub)
     add_predict_parser(sub)
+    add_export_parser(sub)
+    add_eval_parser(sub)
     add_bench_parser(sub)
+    add_plot_parser(sub)
     return p
 
 
@@ -167,10 +215,29 @@ def run_data(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from fastft.predict import predict
+    from fastft.predict import predict, predict_exported
 
-    for path, label, prob in predict(args.checkpoint, args.images, args.device):
+    if args.model is not None:
+        results = predict_exported(args.model, args.images, args.device)
+    else:
+        results = predict(args.checkpoint, args.images, args.device)
+    for path, label, prob in results:
         print(f"{path}: {label} {prob:.3f}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fastft.export import export_run
+
+    print("\n".join(export_run(args.checkpoint, args.fmt, args.out, args.images, args.check).lines()))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from fastft.evaluation import EvalOptions, run
+
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    run(EvalOptions(**values), warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
     return 0
 
 
@@ -186,6 +253,14 @@ def run_bench(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k not in ("command", "json", "plot", "verbose")}
     values["strategies"] = tuple(s for s in values["strategies"].split(",") if s)
     return bench_main(BenchSpec(**values, quiet=not args.verbose), args.json, args.plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from fastft.curves import plot_runs, run_labels
+
+    path = plot_runs(args.runs, args.out)
+    print(f"wrote {path}: {', '.join(run_labels(args.runs))}")
+    return 0
 
 
 def exit_without_teardown(status: int) -> None:
@@ -207,7 +282,8 @@ def exit_without_teardown(status: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    commands = {"train": run_train, "data": run_data, "predict": run_predict, "bench": run_bench}
+    commands = {"train": run_train, "data": run_data, "predict": run_predict, "bench": run_bench,
+                "plot": run_plot, "eval": run_eval, "export": run_export}
     try:
         status = commands[args.command](args)
         if argv is None and args.command == "train":  # the program itself, not a caller's main([...])

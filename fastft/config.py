@@ -72,6 +72,7 @@ class TrainConfig:
     resume: bool = False
     save_every: int = 1            # epochs between checkpoints; the last epoch is always saved
     seed: int = 0
+    tensorboard: bool = False      # per-epoch scalars (loss, accuracies, examples/sec, lr) to RUN_DIR/tb
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

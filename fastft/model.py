@@ -1,6 +1,7 @@
 """ResNet-18 and its starting weights: torchvision's ImageNet set, none, or a file.
 
-An external file is read with weights_only=True (no code from it runs). Its state_dict is
+An external file is read with weights_only=True, or by safetensors for a .safetensors file (no
+code from it runs either way). Its state_dict is
 found wherever other trainers put it (top level, `state_dict`, `model`, `ema`, ... and nestings)
 and under whatever key prefix they add (`module.`, `_orig_mod.`, `model.`, `backbone.`, ...):
 each reading is scored by how many of ResNet-18's own names and shapes it matches, and the best
@@ -24,6 +25,7 @@ import torchvision
 from torch import nn
 
 from fastft.errors import WeightsError
+from fastft.weights import is_safetensors, read_model_file
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 HEAD = "fc"
@@ -122,6 +124,8 @@ def _no_tensors(obj: object) -> str:
 
 
 def _load_weights_only(path: Path) -> object:
+    if is_safetensors(path):  # read by safetensors itself, whatever torch.load does with the name
+        return read_model_file(path)[0]
     try:
         return load_weights_only(path)
     except Exception as exc:  # torch raises many types for a bad pickle or zip

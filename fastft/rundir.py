@@ -16,7 +16,7 @@ from fastft.errors import CheckpointError, ConfigError
 # A resumed run takes these from the command line when typed there (a longer run, a moved
 # dataset, another machine); every other setting comes from its checkpoint.
 RUNTIME_FIELDS = ("epochs", "data", "device", "compile", "workers", "compile_mode", "fast_frozen",
-                  "decode_cache", "skip_bad", "dist_timeout_s", "save_every", "cache_gb")
+                  "decode_cache", "skip_bad", "dist_timeout_s", "save_every", "cache_gb", "tensorboard")
 ALWAYS_GIVEN = ("out", "resume")
 
 def choose_run_dir(cfg: TrainConfig) -> Path:

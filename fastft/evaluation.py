@@ -1,0 +1,387 @@
+"""`fastft eval`: how a trained run does on a split, and which images it gets most wrong.
+
+    fastft eval --checkpoint runs/frozen                       # the run's data, test split, CPU
+    fastft eval --checkpoint runs/frozen --data DIR --split train --loader dali --top 32
+
+The numbers are scikit-learn's (sklearn.metrics.classification_report and confusion_matrix):
+- confusion[i, j]: images of true class i predicted as class j (rows true, columns predicted);
+- precision = TP / (TP + FP), recall = TP / (TP + FN), F1 = 2 TP / (2 TP + FP + FN) (the
+  harmonic mean of the two), support = images of the class; where a denominator is 0 the value
+  is 0.0, as sklearn's zero_division=0;
+- accuracy = correct / images; macro averages are unweighted means over the classes that occur
+  among the true or the predicted labels, as classification_report averages when not given
+  `labels` (a run class with no image in the data and never predicted stays out of them).
+
+Classes are the run's (its checkpoint's `classes`): the data's class folders are matched to
+them by name, so the data may lack a run class (a warning) but not bring one the run never
+learnt (a DataError). Pixels take the run's eval transform at its image size, through the
+backend `--loader` names (torch, dali, cached): the backends' own test pipelines, so the numbers
+are those the run's evaluation computed. Each backend reads the test split in the layout's file
+order in a single process (torch: a strided shard of one; DALI: an unshuffled reader, one shard;
+cached: files[0::1]), which is how every probability is paired with its file; the labels the
+backend returns are checked against that order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fastft.checkpoint import load_checkpoint
+from fastft.config import TrainConfig
+from fastft.data.images import shown_path
+from fastft.data.layout import DatasetLayout
+from fastft.errors import ConfigError, DataError
+
+EVAL_LOADERS = ("torch", "dali", "cached")
+SPLITS = ("test", "train")
+PLOT_HINT = "confusion.png and mistakes.png need matplotlib: pip install matplotlib (or pip install 'fastft[plot]')"
+DPI = 100                  # pixels per inch of both figures
+CONFUSION_IN = (2.5, 0.8)  # inches: margin for labels, then per class (the figure is square)
+SHEET_COLUMNS = 4          # images per row of mistakes.png
+SHEET_CELL_IN = (2.0, 2.5)  # inches per image: width, height (image, file name, true / predicted)
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    checkpoint: Path            # a run folder or its checkpoint.pt
+    data: str | None = None     # DIR or "synthetic"; None = the run's own --data
+    split: str = "test"         # test | train (both through the eval transform)
+    top: int = 16               # most confident mistakes to list and draw
+    loader: str = "torch"       # torch | dali | cached
+    device: str = "cpu"
+    batch_size: int = 64        # images per forward pass
+    out: Path | None = None     # folder for eval.json and the PNGs; None = RUN_DIR/eval-SPLIT
+    progress: bool = True       # a progress bar on a terminal (tqdm's disable=None)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-class numbers in the run's class order; see the module docstring for definitions."""
+    confusion: list[list[int]]  # K x K counts, rows true, columns predicted
+    precision: list[float]
+    recall: list[float]
+    f1: list[float]
+    support: list[int]
+    accuracy: float
+    correct: int
+    macro: dict[str, float]     # precision, recall, f1
+    macro_classes: list[int]    # the class indices the macro average is over
+
+
+@dataclass(frozen=True)
+class Mistake:
+    path: Path
+    true: int           # class index (run order)
+    predicted: int
+    probability: float  # softmax probability of the predicted class
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    classes: list[str]
+    paths: list[Path]       # every image of the split, in the order evaluated
+    labels: torch.Tensor    # int64 (N,), true class indices
+    probs: torch.Tensor     # float32 (N, K), softmax over the run's classes
+    scores: Scores
+    mistakes: list[Mistake]  # the `top` most confident, most confident first
+    header: str             # what was evaluated: run, epoch, data, split, loader, device
+    warnings: list[str]
+
+
+def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, k: int) -> torch.Tensor:
+    """int64 (k, k): [i, j] counts images of true class i predicted j (sklearn's convention)."""
+    return torch.bincount(labels * k + predicted, minlength=k * k).view(k, k)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else 0.0  # sklearn's zero_division=0
+
+
+def scores(confusion: torch.Tensor) -> Scores:
+    """Accuracy, per-class precision, recall, F1 and support, and their macro averages, from a
+    (K, K) confusion matrix; definitions and the zero-division rule in the module docstring."""
+    cm = confusion.tolist()
+    k = len(cm)
+    tp = [cm[i][i] for i in range(k)]
+    true = [sum(row) for row in cm]                          # TP + FN: the support
+    pred = [sum(cm[i][j] for i in range(k)) for j in range(k)]  # TP + FP
+    precision = [_ratio(tp[c], pred[c]) for c in range(k)]
+    recall = [_ratio(tp[c], true[c]) for c in range(k)]
+    f1 = [_ratio(2 * tp[c], true[c] + pred[c]) for c in range(k)]  # 2TP + FP + FN = true + pred
+    present = [c for c in range(k) if true[c] or pred[c]]
+    macro = {name: _ratio(sum(values[c] for c in present), len(present))
+             for name, values in (("precision", precision), ("recall", recall), ("f1", f1))}
+    total = sum(true)
+    return Scores(cm, precision, recall, f1, true, _ratio(sum(tp), total), sum(tp), macro, present)
+
+
+def top_mistakes(paths: list[Path], labels: torch.Tensor, probs: torch.Tensor, top: int) -> list[Mistake]:
+    """The `top` wrong answers with the highest predicted probability; ties keep file order."""
+    best, predicted = probs.max(dim=1)
+    wrong = (predicted != labels).nonzero().flatten().tolist()
+    wrong.sort(key=lambda i: -float(best[i]))  # stable: equal probabilities stay in file order
+    return [Mistake(paths[i], int(labels[i]), int(predicted[i]), float(best[i])) for i in wrong[:top]]
+
+
+def _check_options(opts: EvalOptions) -> None:
+    checks = [(opts.top >= 0, f"--top must be 0 or more, got {opts.top}"),
+              (opts.batch_size >= 1, f"--batch-size must be at least 1, got {opts.batch_size}"),
+              (opts.split in SPLITS, f"--split must be one of {SPLITS}, got {opts.split!r}"),
+              (opts.loader in EVAL_LOADERS, f"--loader must be one of {EVAL_LOADERS}, got {opts.loader!r}")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def run_layout(layout: DatasetLayout, classes: list[str], split: str) -> tuple[DatasetLayout, list[str]]:
+    """`layout` relabelled in the run's class order, with `split`'s files as its test split (the
+    split every backend reads with the eval transform) and that split's first file as its train
+    split: the backends' constructors want one, and the cached loader decodes its train split up
+    front, which eval never reads. Returns it and warnings for run classes the split lacks.
+    Raises DataError for an image of a class the run does not know."""
+    index = {name: i for i, name in enumerate(classes)}
+    folder = layout.root / split
+    present = sorted({label for _, label in layout.files[split]})
+    unknown = [layout.classes[label] for label in present if layout.classes[label] not in index]
+    if unknown:
+        raise DataError(f"{shown_path(folder / unknown[0])}: class {unknown[0]!r} is not one of the run's "
+                        f"classes ({', '.join(classes)}), so the model cannot predict it")
+    if not layout.files[split]:
+        raise DataError(f"{shown_path(folder)}: no images to evaluate")
+    files = tuple((path, index[layout.classes[label]]) for path, label in layout.files[split])
+    have = {layout.classes[label] for label in present}
+    warnings = [f"{shown_path(folder)}: no images of the run's class {name!r}; its row stays empty"
+                for name in classes if name not in have]
+    return dataclasses.replace(layout, classes=tuple(classes), files={"train": files[:1], "test": files}), warnings
+
+
+def _runtime(device: str):
+    from fastft.runtime import Runtime, default_workers, pick_device
+    target = pick_device(device)
+    # fp32 and NCHW: the honest numbers, whatever precision the run trained in.
+    return Runtime(device=target, amp_dtype=None, compile=False, channels_last=False,
+                   workers=default_workers(target))
+
+
+def make_loaders(kind: str, layout: DatasetLayout, image_size: int, batch: int, rt, progress: bool):
+    """The `kind` backend over `layout` (from run_layout) on rt's device; only its test_batches()
+    is read. Raises ConfigError where DALI does not import or the cached set does not fit."""
+    if kind == "dali":
+        from fastft.data import dali_available
+        if not dali_available():
+            raise ConfigError("--loader dali: nvidia.dali does not import here; "
+                              "pip install nvidia-dali-cuda120, or use --loader torch")
+        from fastft.data.dali_loader import DaliLoaders
+        return DaliLoaders(layout, image_size, batch, rt, seed=0, decode_cache="off")
+    if kind == "cached":
+        from fastft.data.cached_loader import CachedLoaders, plan_cache
+        plan = plan_cache(layout, image_size, rt)
+        return CachedLoaders(layout, image_size, batch, rt, 0, plan=plan, progress=progress)
+    from fastft.data.torch_loader import TorchLoaders
+    # fp32 batches normalised in the loader, as the chapter: on a CPU the cached loader's exactly.
+    return TorchLoaders(layout, image_size, batch, rt.workers, 0, rt=rt,
+                        pin_memory=rt.device.type == "cuda", uint8=False)
+
+
+def load_model(state: dict, device: torch.device) -> torch.nn.Module:
+    """The run's ResNet-18 in eval mode on `device` (the checkpoint is already on the CPU)."""
+    from fastft.model import build_resnet18
+    model = build_resnet18(len(state["classes"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def probabilities(model: torch.nn.Module, loaders, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 (N, K) softmax, int64 (N,) labels) on the CPU, over loaders.test_batches()."""
+    batches = loaders.test_batches()
+    probs, labels = [], []
+    for x, y in tqdm(batches, total=len(batches), desc="eval", unit="batch", leave=False,
+                     disable=None if progress else True, dynamic_ncols=True):
+        x, y = loaders.to_device(x, y)
+        # NCHW whatever the backend's layout (cached keeps channels_last): the same conv kernels,
+        # so equal pixels give equal probabilities.
+        x = x.contiguous()
+        probs.append(torch.softmax(model(x).float(), dim=1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def _data_dir(opts: EvalOptions, config: dict) -> Path:
+    from fastft.data import resolve_data_dir
+    values = {**config, "data": opts.data} if opts.data is not None else config
+    return resolve_data_dir(TrainConfig.from_dict(values))
+
+
+def evaluate(opts: EvalOptions) -> Evaluation:
+    """Run the checkpoint over a split and score it. Raises CheckpointError, DataError and
+    ConfigError (one line each) for a missing run, a bad data folder or bad options."""
+    from fastft.data.layout import scan_dataset
+    _check_options(opts)
+    state = load_checkpoint(opts.checkpoint)  # mapped to the CPU, whatever device trained it
+    classes, config = list(state["classes"]), state["config"]
+    layout, warnings = run_layout(scan_dataset(_data_dir(opts, config)), classes, opts.split)
+    rt = _runtime(opts.device)
+    size = int(config["image_size"])
+    loaders = make_loaders(opts.loader, layout, size, opts.batch_size, rt, opts.progress)
+    probs, labels = probabilities(load_model(state, rt.device), loaders, opts.progress)
+    paths = [path for path, _ in layout.files["test"]]
+    expected = torch.tensor([label for _, label in layout.files["test"]], dtype=torch.int64)
+    if not torch.equal(labels, expected):  # the order every prediction is paired with its file by
+        raise RuntimeError(f"the {opts.loader} loader returned the split in another order than its file list")
+    cm = confusion_matrix(labels, probs.argmax(dim=1), len(classes))
+    header = (f"eval {shown_path(opts.checkpoint)} (epoch {state['epoch']}, {config.get('strategy')}, "
+              f"{size} px) on {shown_path(layout.root)} {opts.split}: {len(paths)} images, "
+              f"loader {opts.loader}, {rt.device}")
+    return Evaluation(classes, paths, labels, probs, scores(cm), top_mistakes(paths, labels, probs, opts.top),
+                      header, warnings)
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    """Rows as aligned text columns; columns in `right` align right."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return ["  ".join(cell.rjust(w) if c in right else cell.ljust(w)
+                      for c, (cell, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
+
+
+def report_lines(ev: Evaluation) -> list[str]:
+    """The printed report: header, accuracy, per-class table, confusion matrix, top mistakes."""
+    s, names = ev.scores, ev.classes
+    lines = [ev.header, f"accuracy {s.accuracy:.3f} ({s.correct} of {sum(s.support)})", ""]
+    rows = [["class", "precision", "recall", "f1", "support"]]
+    rows += [[n, f"{s.precision[c]:.3f}", f"{s.recall[c]:.3f}", f"{s.f1[c]:.3f}", str(s.support[c])]
+             for c, n in enumerate(names)]
+    m = s.macro
+    rows.append(["macro avg", f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}",
+                 str(sum(s.support[c] for c in s.macro_classes))])
+    lines += _table(rows, {1, 2, 3, 4})
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)"]
+    lines += _table([["", *names]] + [[n, *map(str, s.confusion[c])] for c, n in enumerate(names)],
+                    set(range(1, len(names) + 1)))
+    if ev.mistakes:
+        lines += ["", f"{len(ev.mistakes)} most confident mistakes"]
+        lines += _table([["prob", "true", "predicted", "path"]] +
+                        [[f"{m.probability:.3f}", names[m.true], names[m.predicted], shown_path(m.path)]
+                         for m in ev.mistakes], {0})
+    return lines
+
+
+def as_json(ev: Evaluation) -> dict:
+    """Everything eval.json holds: the report's numbers and every image's prediction."""
+    s, names = ev.scores, ev.classes
+    best, predicted = ev.probs.max(dim=1)
+    return {
+        "header": ev.header, "classes": names, "images": len(ev.paths), "accuracy": s.accuracy,
+        "correct": s.correct, "confusion": s.confusion, "confusion_axes": "rows true, columns predicted",
+        "per_class": [{"class": n, "precision": s.precision[c], "recall": s.recall[c], "f1": s.f1[c],
+                       "support": s.support[c]} for c, n in enumerate(names)],
+        "macro": {**s.macro, "classes": [names[c] for c in s.macro_classes]},
+        "mistakes": [{"path": os.fspath(m.path), "true": names[m.true], "predicted": names[m.predicted],
+                      "probability": m.probability} for m in ev.mistakes],
+        "predictions": [{"path": os.fspath(p), "true": names[t], "predicted": names[q], "probability": b}
+                        for p, t, q, b in zip(ev.paths, ev.labels.tolist(), predicted.tolist(), best.tolist())],
+        "warnings": ev.warnings,
+    }
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_confusion(plt, ev: Evaluation, path: Path) -> None:
+    """confusion.png: counts in the cells, class names on the axes, rows true (as sklearn's
+    ConfusionMatrixDisplay); (margin + per class x K) inches square at DPI."""
+    cm, names, k = ev.scores.confusion, ev.classes, len(ev.classes)
+    side = CONFUSION_IN[0] + CONFUSION_IN[1] * k
+    fig, ax = plt.subplots(figsize=(side, side), dpi=DPI)
+    ax.imshow(cm, cmap="Blues", vmin=0)
+    top = max(max(row) for row in cm)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i][j]), ha="center", va="center",
+                    color="white" if cm[i][j] > top / 2 else "black")
+    ax.set_xticks(range(k), names, rotation=30, ha="right")
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    s = ev.scores
+    ax.set_title(f"accuracy {s.accuracy:.3f} ({s.correct} of {sum(s.support)})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def plot_mistakes(plt, ev: Evaluation, path: Path) -> None:
+    """mistakes.png: each mistake's image (aspect kept), its file name above, true and predicted
+    class with the probability below; SHEET_COLUMNS per row, SHEET_CELL_IN inches each at DPI."""
+    from fastft.data.images import load_rgb
+    n = len(ev.mistakes)
+    cols = min(n, SHEET_COLUMNS)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, squeeze=False, dpi=DPI,
+                             figsize=(SHEET_CELL_IN[0] * cols, SHEET_CELL_IN[1] * rows))
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, m in zip(axes.flat, ev.mistakes):
+        image = load_rgb(m.path)
+        image.thumbnail((256, 256))  # enough for a 2-inch cell at DPI; keeps memory small
+        ax.set_axis_on()
+        ax.imshow(image)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(m.path.name[-24:], fontsize=8)
+        ax.set_xlabel(f"true: {ev.classes[m.true]}\npred: {ev.classes[m.predicted]} {m.probability:.3f}",
+                      fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def default_out(checkpoint: Path, split: str) -> Path:
+    """RUN_DIR/eval-SPLIT, RUN_DIR being the checkpoint's folder when a file is given."""
+    run_dir = checkpoint.parent if checkpoint.is_file() else checkpoint
+    return run_dir / f"eval-{split}"
+
+
+def save(ev: Evaluation, out: Path) -> list[str]:
+    """Write eval.json, confusion.png and (with mistakes) mistakes.png into `out`; the lines
+    saying what was written, or how to get the PNGs where matplotlib is missing."""
+    from fastft.report import write_json_atomic
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "eval.json", as_json(ev))
+    written = ["eval.json"]
+    plt = _pyplot()
+    if plt is not None:
+        plot_confusion(plt, ev, out / "confusion.png")
+        written.append("confusion.png")
+        if ev.mistakes:
+            plot_mistakes(plt, ev, out / "mistakes.png")
+            written.append("mistakes.png")
+    lines = [f"wrote {', '.join(written)} to {shown_path(out)}"]
+    return lines if plt is not None else [*lines, PLOT_HINT]
+
+
+def run(opts: EvalOptions, say=print, warn=print) -> Evaluation:
+    """`fastft eval`: evaluate, write the files into opts.out (default_out when None), and hand
+    each warning line to `warn`, then each report line to `say`."""
+    ev = evaluate(opts)
+    for line in ev.warnings:
+        warn(line)
+    out = opts.out or default_out(Path(opts.checkpoint), opts.split)
+    for line in [*report_lines(ev), "", *save(ev, out)]:
+        say(line)
+    return ev
