@@ -102,23 +102,28 @@ def add_predict_parser(sub) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="RUN_DIR or its checkpoint.pt")
     source.add_argument("--model", type=Path, help="a .onnx (run by ONNX Runtime) or .pt2 file from "
-                        "`fastft export`, with its PATH.json sidecar, or a run's model.safetensors")
+                        "`fastft export`, with its PATH.json sidecar, or a .safetensors file such as a "
+                        "run's model.safetensors")
     p.add_argument("--device", default="cpu", help="cpu|cuda (default: cpu)")
     p.add_argument("images", nargs="+", type=Path)
 
 
 def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a run's model as ONNX or a torch.export program, checked",
-                       description="Exports with a dynamic batch axis, checks the file's logits against "
-                       "PyTorch's at batch sizes 1 and N, and writes PATH.json (classes, preprocessing) next "
-                       "to it, so `fastft predict --model PATH` needs nothing else.")
+    p = sub.add_parser("export", help="write a run's model as ONNX, a torch.export program or safetensors "
+                       "weights, checked", description="Exports with a dynamic batch axis, checks the file's "
+                       "logits against PyTorch's at batch sizes 1 and N, and writes PATH.json (classes, "
+                       "preprocessing) next to it, so `fastft predict --model PATH` needs nothing else. "
+                       "safetensors writes RUN_DIR/model.safetensors (which a run stopped before its last "
+                       "epoch lacks) with that in its metadata, checked in a fresh torchvision ResNet-18.")
     p.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR or its checkpoint.pt")
-    p.add_argument("--format", required=True, choices=["onnx", "pt2"], dest="fmt")
-    p.add_argument("--out", type=Path, help="file to write (default: RUN_DIR/model.FORMAT)")
+    p.add_argument("--format", required=True, choices=["onnx", "pt2", "safetensors"], dest="fmt")
+    p.add_argument("--out", type=Path, help="file to write, ending in .FORMAT, never one of a run's own "
+                   "files (default: RUN_DIR/model.FORMAT)")
     p.add_argument("--images", nargs="+", type=Path, help="images to check on (default: up to 8 of the "
                    "run's test split; random inputs, said so, where its data folder is not here)")
     p.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip the check (e.g. without onnxruntime); the sidecar records it as unchecked")
+                   help="skip the check (e.g. without onnxruntime); an onnx or pt2 sidecar records it as "
+                   "unchecked")
 
 
 def add_eval_parser(sub) -> None:
@@ -126,8 +131,11 @@ def add_eval_parser(sub) -> None:
                        "most confident mistakes", description="Numbers as scikit-learn's classification_report "
                        "(0.0 where a denominator is 0); writes eval.json, confusion.png and mistakes.png "
                        "(the PNGs need matplotlib).")
-    p.add_argument("--checkpoint", required=True, type=Path, help="RUN_DIR or its checkpoint.pt")
-    p.add_argument("--data", help="ImageFolder DIR or 'synthetic' (default: the run's own --data)")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="RUN_DIR, its checkpoint.pt, or its model.safetensors")
+    p.add_argument("--data", help="DIR holding the split (DIR/SPLIT/CLASS/*.jpg; the other split may be "
+                   "absent), DIR that is one split's class folders (DIR/CLASS/*.jpg; --split is then not used), "
+                   "or 'synthetic' (default: the run's own --data)")
     p.add_argument("--split", choices=["test", "train"], default="test",
                    help="train takes the test transform too, no augmentation (default: test)")
     p.add_argument("--top", type=int, default=16, help="most confident mistakes to list and draw (default: 16)")
@@ -135,7 +143,8 @@ def add_eval_parser(sub) -> None:
                    help="the backend whose test pipeline reads the split (default: torch)")
     p.add_argument("--device", default="cpu", help="cpu|cuda|cuda:N (default: cpu)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--out", type=Path, help="folder for eval.json and the PNGs (default: RUN_DIR/eval-SPLIT)")
+    p.add_argument("--out", type=Path, help="folder for eval.json and the PNGs; an earlier eval's files there "
+                   "are replaced, other files left alone (default: RUN_DIR/eval-SPLIT)")
 
 
 def add_bench_parser(sub) -> None:
@@ -286,9 +295,23 @@ def main(argv: list[str] | None = None) -> int:
                 "plot": run_plot, "eval": run_eval, "export": run_export}
     try:
         status = commands[args.command](args)
+        sys.stdout.flush()  # a reader that went away (`| head`) is met here, not in the exit's flush
         if argv is None and args.command == "train":  # the program itself, not a caller's main([...])
             exit_without_teardown(status)
         return status
+    except BrokenPipeError:
+        # stdout's reader closed it. As the Python docs' "Note on SIGPIPE" (library/signal.html)
+        # advises: point stdout at devnull so the interpreter's final flush of what is still
+        # buffered does not raise again, and end quietly. 141 = 128 + SIGPIPE, the status a shell
+        # shows for a program the signal ended (`yes | head`), which `set -o pipefail` sees.
+        try:
+            fd = sys.stdout.fileno()
+        except (OSError, ValueError, AttributeError):  # no file behind sys.stdout (a caller's capture)
+            return 141
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        return 141
     except FastftError as exc:
         print(f"fastft: error: {_rank_prefix()}{exc.one_line()}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
     fastft eval --checkpoint runs/frozen                       # the run's data, test split, CPU
     fastft eval --checkpoint runs/frozen --data DIR --split train --loader dali --top 32
+    fastft eval --checkpoint runs/frozen/model.safetensors --data photos/   # photos/CLASS/*.jpg
 
 The numbers are scikit-learn's (sklearn.metrics.classification_report and confusion_matrix):
 - confusion[i, j]: images of true class i predicted as class j (rows true, columns predicted);
@@ -12,19 +13,29 @@ The numbers are scikit-learn's (sklearn.metrics.classification_report and confus
   among the true or the predicted labels, as classification_report averages when not given
   `labels` (a run class with no image in the data and never predicted stays out of them).
 
-Classes are the run's (its checkpoint's `classes`): the data's class folders are matched to
-them by name, so the data may lack a run class (a warning) but not bring one the run never
-learnt (a DataError). Pixels take the run's eval transform at its image size, through the
-backend `--loader` names (torch, dali, cached): the backends' own test pipelines, so the numbers
-are those the run's evaluation computed. Each backend reads the test split in the layout's file
-order in a single process (torch: a strided shard of one; DALI: an unshuffled reader, one shard;
-cached: files[0::1]), which is how every probability is paired with its file; the labels the
-backend returns are checked against that order.
+The model is a run folder, its checkpoint.pt, or its model.safetensors (whose metadata holds
+the classes, image size and epoch; the data comes from config.json beside it, or --data); see
+fastft.eval_inputs for both. Only the split being scored is read: DIR/SPLIT, or DIR itself
+where it is one split's class folders (it holds neither train/ nor test/ and names at least one
+run class; --split is then not used). Classes are the run's (from the model source): the
+split's class folders are matched to them by name, so the split may lack a run class (a
+warning) but not bring one the run never learnt (a DataError).
+
+Pixels take the run's eval transform at its image size, through the backend `--loader` names
+(torch, dali, cached): the backends' own test pipelines, so the numbers are those the run's
+evaluation computed. Each backend reads the split in the scan's file order in a single process
+(torch: a strided shard of one; DALI: an unshuffled reader, one shard; cached: files[0::1]),
+which is how every probability is paired with its file; the labels the backend returns are
+checked against that order.
+
+A new eval into a folder replaces all of an earlier eval's files there (EVAL_FILES; one not
+written this time is removed, so no earlier mistakes.png stays beside new numbers), says so,
+and touches no other file.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -33,14 +44,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastft.checkpoint import load_checkpoint
-from fastft.config import TrainConfig
 from fastft.data.images import shown_path
 from fastft.data.layout import DatasetLayout
-from fastft.errors import ConfigError, DataError
+from fastft.errors import CheckpointError, ConfigError
+from fastft.eval_inputs import dataset_folder, load_source, split_layout
 
 EVAL_LOADERS = ("torch", "dali", "cached")
 SPLITS = ("test", "train")
+EVAL_FILES = ("eval.json", "confusion.png", "mistakes.png")  # eval's own files in --out; no other is touched
 PLOT_HINT = "confusion.png and mistakes.png need matplotlib: pip install matplotlib (or pip install 'fastft[plot]')"
 DPI = 100                  # pixels per inch of both figures
 CONFUSION_IN = (2.5, 0.8)  # inches: margin for labels, then per class (the figure is square)
@@ -50,9 +61,9 @@ SHEET_CELL_IN = (2.0, 2.5)  # inches per image: width, height (image, file name,
 
 @dataclass(frozen=True)
 class EvalOptions:
-    checkpoint: Path            # a run folder or its checkpoint.pt
+    checkpoint: Path            # a run folder, its checkpoint.pt or its model.safetensors
     data: str | None = None     # DIR or "synthetic"; None = the run's own --data
-    split: str = "test"         # test | train (both through the eval transform)
+    split: str = "test"         # test | train (both through the eval transform); unused where DIR is a split
     top: int = 16               # most confident mistakes to list and draw
     loader: str = "torch"       # torch | dali | cached
     device: str = "cpu"
@@ -93,6 +104,7 @@ class Evaluation:
     mistakes: list[Mistake]  # the `top` most confident, most confident first
     header: str             # what was evaluated: run, epoch, data, split, loader, device
     warnings: list[str]
+    meta: dict              # the same as eval.json's plain keys: checkpoint, epoch, data, split, ...
 
 
 def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, k: int) -> torch.Tensor:
@@ -140,28 +152,6 @@ def _check_options(opts: EvalOptions) -> None:
             raise ConfigError(message)
 
 
-def run_layout(layout: DatasetLayout, classes: list[str], split: str) -> tuple[DatasetLayout, list[str]]:
-    """`layout` relabelled in the run's class order, with `split`'s files as its test split (the
-    split every backend reads with the eval transform) and that split's first file as its train
-    split: the backends' constructors want one, and the cached loader decodes its train split up
-    front, which eval never reads. Returns it and warnings for run classes the split lacks.
-    Raises DataError for an image of a class the run does not know."""
-    index = {name: i for i, name in enumerate(classes)}
-    folder = layout.root / split
-    present = sorted({label for _, label in layout.files[split]})
-    unknown = [layout.classes[label] for label in present if layout.classes[label] not in index]
-    if unknown:
-        raise DataError(f"{shown_path(folder / unknown[0])}: class {unknown[0]!r} is not one of the run's "
-                        f"classes ({', '.join(classes)}), so the model cannot predict it")
-    if not layout.files[split]:
-        raise DataError(f"{shown_path(folder)}: no images to evaluate")
-    files = tuple((path, index[layout.classes[label]]) for path, label in layout.files[split])
-    have = {layout.classes[label] for label in present}
-    warnings = [f"{shown_path(folder)}: no images of the run's class {name!r}; its row stays empty"
-                for name in classes if name not in have]
-    return dataclasses.replace(layout, classes=tuple(classes), files={"train": files[:1], "test": files}), warnings
-
-
 def _runtime(device: str):
     from fastft.runtime import Runtime, default_workers, pick_device
     target = pick_device(device)
@@ -191,10 +181,16 @@ def make_loaders(kind: str, layout: DatasetLayout, image_size: int, batch: int, 
 
 
 def load_model(state: dict, device: torch.device) -> torch.nn.Module:
-    """The run's ResNet-18 in eval mode on `device` (the checkpoint is already on the CPU)."""
+    """The run's ResNet-18 in eval mode on `device` (the state is already on the CPU); a
+    CheckpointError (one line) where the weights are not one of len(classes) classes."""
     from fastft.model import build_resnet18
     model = build_resnet18(len(state["classes"]))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])  # strict: every key and shape
+    except RuntimeError as exc:
+        detail = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CheckpointError(f"{shown_path(state['source'])}: not a ResNet-18 of {len(state['classes'])} classes "
+                              f"({detail[-1][:200] if detail else type(exc).__name__})") from exc
     return model.to(device).eval()
 
 
@@ -214,20 +210,15 @@ def probabilities(model: torch.nn.Module, loaders, progress: bool) -> tuple[torc
     return torch.cat(probs), torch.cat(labels)
 
 
-def _data_dir(opts: EvalOptions, config: dict) -> Path:
-    from fastft.data import resolve_data_dir
-    values = {**config, "data": opts.data} if opts.data is not None else config
-    return resolve_data_dir(TrainConfig.from_dict(values))
-
-
 def evaluate(opts: EvalOptions) -> Evaluation:
-    """Run the checkpoint over a split and score it. Raises CheckpointError, DataError and
-    ConfigError (one line each) for a missing run, a bad data folder or bad options."""
-    from fastft.data.layout import scan_dataset
+    """Run the model over a split and score it. Raises CheckpointError, WeightsError, DataError
+    and ConfigError (one line each) for a missing model, a bad data folder or bad options."""
     _check_options(opts)
-    state = load_checkpoint(opts.checkpoint)  # mapped to the CPU, whatever device trained it
+    source = Path(opts.checkpoint)
+    state = {**load_source(source, opts.data is not None), "source": source}
     classes, config = list(state["classes"]), state["config"]
-    layout, warnings = run_layout(scan_dataset(_data_dir(opts, config)), classes, opts.split)
+    folder = dataset_folder(opts.data, config)
+    layout, warnings, split = split_layout(folder, opts.split, classes)
     rt = _runtime(opts.device)
     size = int(config["image_size"])
     loaders = make_loaders(opts.loader, layout, size, opts.batch_size, rt, opts.progress)
@@ -237,11 +228,13 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     if not torch.equal(labels, expected):  # the order every prediction is paired with its file by
         raise RuntimeError(f"the {opts.loader} loader returned the split in another order than its file list")
     cm = confusion_matrix(labels, probs.argmax(dim=1), len(classes))
-    header = (f"eval {shown_path(opts.checkpoint)} (epoch {state['epoch']}, {config.get('strategy')}, "
-              f"{size} px) on {shown_path(layout.root)} {opts.split}: {len(paths)} images, "
-              f"loader {opts.loader}, {rt.device}")
+    meta = {"checkpoint": os.fspath(source), "epoch": state["epoch"], "data": os.fspath(folder),
+            "split": split, "loader": opts.loader, "device": str(rt.device), "image_size": size}
+    where = f"{shown_path(folder)} {split}" if split else f"{shown_path(folder)} (its class folders)"
+    header = (f"eval {shown_path(source)} (epoch {state['epoch']}, {config.get('strategy')}, {size} px) "
+              f"on {where}: {len(paths)} images, loader {opts.loader}, {rt.device}")
     return Evaluation(classes, paths, labels, probs, scores(cm), top_mistakes(paths, labels, probs, opts.top),
-                      header, warnings)
+                      header, warnings, meta)
 
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
@@ -274,11 +267,12 @@ def report_lines(ev: Evaluation) -> list[str]:
 
 
 def as_json(ev: Evaluation) -> dict:
-    """Everything eval.json holds: the report's numbers and every image's prediction."""
+    """Everything eval.json holds: what was evaluated (Evaluation.meta, as plain keys), the
+    report's numbers and every image's prediction."""
     s, names = ev.scores, ev.classes
     best, predicted = ev.probs.max(dim=1)
     return {
-        "header": ev.header, "classes": names, "images": len(ev.paths), "accuracy": s.accuracy,
+        **ev.meta, "header": ev.header, "classes": names, "images": len(ev.paths), "accuracy": s.accuracy,
         "correct": s.correct, "confusion": s.confusion, "confusion_axes": "rows true, columns predicted",
         "per_class": [{"class": n, "precision": s.precision[c], "recall": s.recall[c], "f1": s.f1[c],
                        "support": s.support[c]} for c, n in enumerate(names)],
@@ -357,31 +351,72 @@ def default_out(checkpoint: Path, split: str) -> Path:
     return run_dir / f"eval-{split}"
 
 
+def check_out(out: Path) -> None:
+    """Raise a one-line ConfigError, before any work, where `out` cannot be eval's folder: it or
+    the nearest folder above it that exists is a file, or one of EVAL_FILES in it is not a file."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                what = "is a file" if folder == out else f"is inside the file {shown_path(folder)}"
+                raise ConfigError(f"--out {shown_path(out)} {what}; eval writes {', '.join(EVAL_FILES)} into a folder")
+            break
+    for name in EVAL_FILES:
+        if (out / name).exists() and not (out / name).is_file():
+            raise ConfigError(f"--out {shown_path(out)}: {name} there is not a file, so eval cannot replace it")
+
+
+def _remove_earlier(out: Path) -> tuple[list[str], str]:
+    """Remove an earlier eval's files from `out`: their names, and the header of its eval.json
+    (what it scored; "" where that does not say)."""
+    found = [name for name in EVAL_FILES if (out / name).is_file()]
+    try:
+        header = json.loads((out / "eval.json").read_text()).get("header", "")
+    except (OSError, ValueError, AttributeError):  # absent, cut short, not an object
+        header = ""
+    for name in found:
+        (out / name).unlink()
+    return found, " ".join(str(header).split())  # one line whatever the file held
+
+
 def save(ev: Evaluation, out: Path) -> list[str]:
-    """Write eval.json, confusion.png and (with mistakes) mistakes.png into `out`; the lines
-    saying what was written, or how to get the PNGs where matplotlib is missing."""
+    """Write eval.json, confusion.png and (with mistakes) mistakes.png into `out`, replacing
+    every file of an earlier eval there (EVAL_FILES) and no other; eval.json last, so PNGs
+    beside an eval.json are its own. Returns the lines saying what was replaced and written,
+    or how to get the PNGs where matplotlib is missing. Raises ConfigError (one line) where
+    the folder cannot be written."""
     from fastft.report import write_json_atomic
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "eval.json", as_json(ev))
-    written = ["eval.json"]
     plt = _pyplot()
-    if plt is not None:
-        plot_confusion(plt, ev, out / "confusion.png")
-        written.append("confusion.png")
-        if ev.mistakes:
-            plot_mistakes(plt, ev, out / "mistakes.png")
-            written.append("mistakes.png")
+    written = ["eval.json"]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        earlier, header = _remove_earlier(out)
+        if plt is not None:
+            plot_confusion(plt, ev, out / "confusion.png")
+            written.append("confusion.png")
+            if ev.mistakes:
+                plot_mistakes(plt, ev, out / "mistakes.png")
+                written.append("mistakes.png")
+        write_json_atomic(out / "eval.json", as_json(ev))
+    except OSError as exc:
+        raise ConfigError(f"{shown_path(exc.filename or out)}: cannot write eval's results "
+                          f"({exc.strerror or exc})") from exc
     lines = [f"wrote {', '.join(written)} to {shown_path(out)}"]
+    if earlier:
+        gone = [name for name in earlier if name not in written]
+        what = f" ({header})" if header else ""
+        lines.insert(0, f"replaced the earlier results in {shown_path(out)}{what}: {', '.join(earlier)}"
+                        + (f"; {', '.join(gone)} removed, not written this time" if gone else ""))
     return lines if plt is not None else [*lines, PLOT_HINT]
 
 
 def run(opts: EvalOptions, say=print, warn=print) -> Evaluation:
-    """`fastft eval`: evaluate, write the files into opts.out (default_out when None), and hand
-    each warning line to `warn`, then each report line to `say`."""
+    """`fastft eval`: check the folder for the files (opts.out, default_out when None), evaluate,
+    write the files, and hand each warning line to `warn`, then each report line to `say`."""
+    out = opts.out or default_out(Path(opts.checkpoint), opts.split)
+    check_out(out)
     ev = evaluate(opts)
     for line in ev.warnings:
         warn(line)
-    out = opts.out or default_out(Path(opts.checkpoint), opts.split)
     for line in [*report_lines(ev), "", *save(ev, out)]:
         say(line)
     return ev

@@ -1,8 +1,15 @@
-"""`fastft export`: a run's model as ONNX or a torch.export program, checked before it is kept.
+"""`fastft export`: a run's model as ONNX, a torch.export program or safetensors weights, checked
+before it is kept.
 
     fastft export --checkpoint RUN_DIR --format onnx          # RUN_DIR/model.onnx (+ .json)
     fastft export --checkpoint RUN_DIR --format pt2 --out m.pt2
+    fastft export --checkpoint RUN_DIR --format safetensors   # RUN_DIR/model.safetensors
     fastft predict --model RUN_DIR/model.onnx IMAGE...        # from the exported file alone
+
+--out ends in the format's suffix (predict --model reads the format from it) and never names
+one of a run's own files (RUN_FILES), here or in another run's folder; the one exception is
+the run's own model.safetensors, which `--format safetensors` writes: a run writes that file
+with its last checkpoint only, so a run stopped before its last epoch has none until then.
 
 ONNX goes through `torch.onnx.export(dynamo=True)`, the torch.export-based exporter: it is
 torch's default since 2.9, while the TorchScript one (dynamo=False) warns that it is deprecated.
@@ -14,7 +21,10 @@ fixed (the run's --image-size).
 The check: the exported file, run as `predict --model` runs it (ONNX Runtime, or the program
 torch.export.load gives back), must give the PyTorch model's logits to within TOLERANCE, at
 batch sizes 1 and N (the dynamic axis at work). Only then is the file moved into place, next to
-its sidecar (PATH.json: classes, image size, resize, mean, std, input layout). The inputs:
+its sidecar (PATH.json: classes, image size, resize, mean, std, input layout). safetensors
+holds the same in its metadata and needs no sidecar; its check loads the file into a fresh
+torchvision ResNet-18, which must give the run's logits exactly (the same weights through the
+same code on the same CPU: tolerance 0). The inputs:
 --images if given, else up to CHECK_IMAGES of the run's test split (config.json names the data
 folder); where neither is at hand (a run exported on another machine), random inputs, which
 the report and the sidecar name as such.
@@ -31,15 +41,18 @@ from pathlib import Path
 import torch
 
 from fastft.checkpoint import CHECKPOINT_NAME
+from fastft.curves import CURVES_NAME
 from fastft.data import SYNTHETIC
 from fastft.data.images import load_rgb
 from fastft.data.transforms import eval_transform
 from fastft.errors import ConfigError, DataError, FastftError
-from fastft.predict import ORT_HINT, check_images, exported_logits, sidecar_path, trained_model
+from fastft.predict import ORT_HINT, check_images, exported_logits, flat_reason, sidecar_path, trained_model
 from fastft.report import write_json_atomic
-from fastft.weights import model_card
+from fastft.weights import MODEL_FILE, exportable_state, import_safetensors, model_card, write_model_file
 
-FORMATS = ("onnx", "pt2")
+FORMATS = ("onnx", "pt2", "safetensors")  # each file's suffix is .FORMAT
+# What a run folder holds (checkpoint.py, report.py, curves.py, weights.py): --out names none of them.
+RUN_FILES = (CHECKPOINT_NAME, MODEL_FILE, "config.json", "metrics.jsonl", "summary.json", CURVES_NAME)
 ONNX_HINT = "pip install onnx onnxscript"
 CHECK_IMAGES = 8  # test images the check runs: batches of 1 and of all of them
 # Max |logit difference| allowed, relative to max(1, max |logit|). Both sides are fp32 (eps 1.2e-7)
@@ -49,6 +62,7 @@ CHECK_IMAGES = 8  # test images the check runs: batches of 1 and of all of them
 # Faults measured on the same model: train-mode BatchNorm 2.1, one BN variance 1% off 0.17, the
 # head's weights rounded to fp16 0.16. 1e-4 sits ~100x above rounding and ~1000x below a fault.
 TOLERANCE = 1e-4
+EXACT = ("safetensors",)  # formats whose check allows no difference at all
 RANDOM_SEED = 0
 
 
@@ -59,7 +73,7 @@ class ExportError(FastftError):
 @dataclass
 class Exported:
     path: Path
-    sidecar: Path
+    sidecar: Path | None  # None: safetensors, whose metadata holds the sidecar's content
     fmt: str
     image_size: int  # px
     export_s: float
@@ -67,7 +81,8 @@ class Exported:
 
     def lines(self) -> list[str]:
         size = self.image_size
-        out = [f"exported {self.path} ({self.fmt}, input N x 3 x {size} x {size}, N dynamic) in {self.export_s:.1f} s"]
+        what = "torchvision ResNet-18 weights for inputs" if self.fmt == "safetensors" else "input"
+        out = [f"exported {self.path} ({self.fmt}, {what} N x 3 x {size} x {size}, N dynamic) in {self.export_s:.1f} s"]
         c = self.checked
         if c is None:
             out.append("not checked (--no-check): nothing compared its logits with PyTorch's")
@@ -75,46 +90,53 @@ class Exported:
             out.append(f"checked with {c['runtime']} on {c['inputs']}, batches of {c['batch_sizes'][0]} and "
                        f"{c['batch_sizes'][1]}: max abs logit difference {c['max_abs_diff']:.1e} from PyTorch "
                        f"(tolerance {c['bound']:.1e}) in {c['check_s']:.1f} s")
-        out.append(f"preprocessing and classes: {self.sidecar}")
+        out.append(f"preprocessing and classes: {self.sidecar or 'in its metadata (no sidecar)'}")
         return out
 
 
 def export_run(checkpoint: Path, fmt: str, out: Path | None = None, images: list[Path] | None = None,
                check: bool = True) -> Exported:
     """Export the run at `checkpoint` (RUN_DIR or its checkpoint.pt) to `out` (default
-    RUN_DIR/model.FMT), check it, then write its sidecar.
+    RUN_DIR/model.FMT), check it, then write its sidecar (none for safetensors).
 
     Raises ConfigError (a package missing: onnx/onnxscript to export ONNX, onnxruntime to check
-    it), CheckpointError, DataError (a bad --images file) and ExportError (the export failed, or
-    its logits differ from PyTorch's by more than the tolerance: then no file is left at `out`).
+    it; an --out that output_path refuses, before anything is written), WeightsError
+    (safetensors missing), CheckpointError, DataError (a bad --images file) and ExportError (the
+    export failed, or its logits differ from PyTorch's by more than the tolerance: then no file
+    is left at `out`).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     _check_packages(fmt, check)
     model, state = trained_model(checkpoint)
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    path = _output_path(run_dir, fmt, out)
+    path = output_path(run_dir, fmt, out)
     image_size = int(state["config"]["image_size"])
+    card = model_card(list(state["classes"]), image_size, state["epoch"])
     x, inputs = check_inputs(run_dir, state, image_size, images)
     tmp = path.with_name(f"{path.stem}.tmp.{fmt}")  # torch.export.save warns about any other suffix
     started = time.perf_counter()
     try:
-        _export(model, x[:2], tmp, fmt)
+        _export(model, x[:2], tmp, fmt, card)
         export_s = time.perf_counter() - started
         checked = parity(model, x, tmp, fmt, inputs) if check else None
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    card = {"format": fmt, "file": path.name, **model_card(list(state["classes"]), image_size, state["epoch"]),
-            "input_name": "x", "output": "logits (N, num_classes) float32; softmax gives probabilities",
-            "batch": "dynamic, N >= 1", "checked": checked, "exported_with": f"torch {torch.__version__}"}
+    if fmt == "safetensors":
+        return Exported(path, None, fmt, image_size, export_s, checked)
     sidecar = sidecar_path(path)
-    write_json_atomic(sidecar, card)
+    write_json_atomic(sidecar, {"format": fmt, "file": path.name, **card, "input_name": "x",
+                                "output": "logits (N, num_classes) float32; softmax gives probabilities",
+                                "batch": "dynamic, N >= 1", "checked": checked,
+                                "exported_with": f"torch {torch.__version__}"})
     return Exported(path, sidecar, fmt, image_size, export_s, checked)
 
 
 def _check_packages(fmt: str, check: bool) -> None:
     """Missing packages stop the command before any work, each with its install line."""
+    if fmt == "safetensors":
+        import_safetensors("--format safetensors")
     if fmt != "onnx":
         return
     try:
@@ -130,14 +152,27 @@ def _check_packages(fmt: str, check: bool) -> None:
                               f"(or pass --no-check to export without the check)") from exc
 
 
-def _output_path(run_dir: Path, fmt: str, out: Path | None) -> Path:
-    path = Path(out) if out is not None else run_dir / f"model.{fmt}"
+def output_path(run_dir: Path, fmt: str, out: Path | None) -> Path:
+    """The file to write: --out (a folder: FOLDER/model.FMT), else RUN_DIR/model.FMT.
+
+    A one-line ConfigError, before anything is written, when it does not end in .FMT (predict
+    --model takes the format from the suffix), its folder is missing, or it names one of
+    RUN_FILES in a run's folder (the exported run's, or any holding a checkpoint or metrics):
+    the run's own model.safetensors, --format safetensors' default, is the one file allowed.
+    """
+    default = run_dir / f"model.{fmt}"
+    path = Path(out) if out is not None else default
     if path.is_dir():
-        path = path / f"model.{fmt}"
+        path = path / default.name
+    if path.suffix.lower() != f".{fmt}":
+        raise ConfigError(f"--out {path}: --format {fmt} writes a .{fmt} file, so --out must end in .{fmt}")
     if not path.parent.is_dir():
         raise ConfigError(f"--out {path}: folder {path.parent} does not exist")
-    if path.name == CHECKPOINT_NAME:
-        raise ConfigError(f"--out {path}: would replace the run's checkpoint")
+    in_a_run = path.parent.resolve() == run_dir.resolve() or any(
+        (path.parent / name).is_file() for name in (CHECKPOINT_NAME, "metrics.jsonl"))
+    if path.name in RUN_FILES and in_a_run and path.resolve() != default.resolve():
+        raise ConfigError(f"--out {path}: would overwrite the {path.name} of the run in {path.parent}; "
+                          f"choose another name")
     return path
 
 
@@ -189,8 +224,12 @@ def run_test_images(run_dir: Path, state: dict) -> tuple[list[Path], str]:
     return picked, f"{len(picked)} test image{'s' if len(picked) > 1 else ''} of {folder}"
 
 
-def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, fmt: str) -> None:
-    """Write `model` (fp32, CPU, eval) to `path`, traced on `sample` with the batch axis dynamic."""
+def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, fmt: str, card: dict) -> None:
+    """Write `model` (fp32, CPU, eval) to `path`, traced on `sample` with the batch axis dynamic;
+    safetensors: its state_dict, `card` as the metadata (WeightsError, one line, on a failed write)."""
+    if fmt == "safetensors":
+        write_model_file(path, exportable_state(model), card)
+        return
     batch = {"x": {0: torch.export.Dim("batch", min=1)}}  # `x`: torchvision ResNet.forward's argument
     try:
         with torch.no_grad():
@@ -209,19 +248,24 @@ def parity(model: torch.nn.Module, x: torch.Tensor, path: Path, fmt: str, inputs
     PyTorch model. Returns the figures; raises ExportError beyond TOLERANCE."""
     started = time.perf_counter()
     run, runtime = exported_logits(path, fmt)
+    tolerance = 0.0 if fmt in EXACT else TOLERANCE
     worst, bound = 0.0, 0.0
     for batch in (x[:1], x):
         with torch.no_grad():
             want = model(batch).float()
-        got = run(batch)
+        try:
+            got = run(batch)
+        except Exception as exc:  # the runtime's own error types
+            raise ExportError(f"{fmt} export fails on a batch of {len(batch)} ({flat_reason(exc)}); "
+                              f"the file was not kept") from exc
         if got.shape != want.shape:
             raise ExportError(f"{fmt} export gives logits of shape {tuple(got.shape)} for a batch of "
                               f"{len(batch)}, PyTorch {tuple(want.shape)}")
         worst = max(worst, float((got - want).abs().max()))
-        bound = max(bound, TOLERANCE * max(1.0, float(want.abs().max())))
+        bound = max(bound, tolerance * max(1.0, float(want.abs().max())))
     if worst > bound:
         raise ExportError(f"{fmt} export differs from PyTorch by up to {worst:.2e} in the logits on {inputs} "
                           f"(tolerance {bound:.1e}); the file was not kept")
     return {"runtime": runtime, "inputs": inputs, "batch_sizes": [1, len(x)], "max_abs_diff": worst,
-            "bound": bound, "tolerance": f"{TOLERANCE:g} x max(1, max |logit|)",
+            "bound": bound, "tolerance": f"{tolerance:g} x max(1, max |logit|)",
             "check_s": time.perf_counter() - started}

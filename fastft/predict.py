@@ -7,8 +7,10 @@
 
 Every path feeds the model the same tensor: load_rgb, then the run's eval transform
 (Resize, CenterCrop, normalise; data/transforms.py). An exported model's classes and image size
-come from its sidecar, PATH.json, which `fastft export` writes next to it. A GPU-trained
-checkpoint works on a CPU-only machine.
+come from its sidecar, PATH.json, which `fastft export` writes next to it; predict checks it
+against the model's own input and output shapes before the first image, so a sidecar of
+another export is one line, not the runtime's traceback. A GPU-trained checkpoint works on a
+CPU-only machine.
 
 A .pt2 file is read by torch.export.load, which falls back to full unpickling for objects it
 cannot read otherwise: load only .pt2 files you made or trust. ONNX files hold no code.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,14 +29,29 @@ import torch
 from fastft.checkpoint import load_checkpoint
 from fastft.data.images import load_rgb, quick_problem, shown_path
 from fastft.data.transforms import eval_transform
-from fastft.errors import CheckpointError, ConfigError, DataError
+from fastft.errors import CheckpointError, ConfigError, DataError, FastftError
 from fastft.model import ZIP_MAGIC, build_resnet18
 from fastft.runtime import pick_device
 from fastft.weights import preprocessing, read_model_file
 
 ORT_HINT = "pip install onnxruntime"
-EXPORT_FORMATS = {".onnx": "onnx", ".pt2": "pt2"}
+MODEL_FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors"}  # predict --model
+RUN_ERROR_CHARS = 300  # a runtime's message, flattened to one line, is cut here
 Logits = Callable[[torch.Tensor], torch.Tensor]  # (N, 3, S, S) fp32 CPU -> (N, classes) fp32 CPU
+Shape = tuple  # a tensor's dims: ints where fixed, None where dynamic (the batch axis)
+
+
+class ModelRunError(FastftError):
+    """A model that loaded but fails on an input, or gives logits its class list does not fit."""
+
+
+@dataclass
+class Loaded:
+    """A model ready to run, and what it says of its own shapes (None where it does not say)."""
+    run: Logits
+    runtime: str  # what runs it, for the export check's report
+    input_shape: Shape | None  # e.g. (None, 3, 32, 32)
+    output_shape: Shape | None  # e.g. (None, 2)
 
 
 def check_images(images: list[Path]) -> None:
@@ -93,25 +111,71 @@ def check_card(where: Path, card: dict) -> dict:
     return card
 
 
-def export_format(model_path: Path, card: dict | None = None) -> str:
-    """'onnx' or 'pt2', by the file's suffix, else by its sidecar's `format`."""
-    fmt = EXPORT_FORMATS.get(model_path.suffix.lower()) or (card or {}).get("format")
-    if fmt not in EXPORT_FORMATS.values():
-        raise CheckpointError(f"{model_path}: not an exported model (.onnx or .pt2 expected)")
+def model_format(model_path: Path) -> str:
+    """'onnx', 'pt2' or 'safetensors', by `model_path`'s suffix (any case); else, or for a folder
+    or a missing file, a one-line CheckpointError."""
+    fmt = MODEL_FORMATS.get(model_path.suffix.lower())
+    if model_path.is_dir():
+        raise CheckpointError(f"{model_path}: a folder; --model expects a .onnx, .pt2 or .safetensors file "
+                              f"(a run folder goes to --checkpoint)")
+    if fmt is None:
+        hint = " (a run's checkpoint goes to --checkpoint)" if model_path.suffix == ".pt" else ""
+        raise CheckpointError(f"{model_path}: expected a .onnx, .pt2 or .safetensors file{hint}")
+    if not model_path.is_file():
+        raise CheckpointError(f"{model_path}: no such model file")
     return fmt
 
 
+def check_fits(model_path: Path, fmt: str, card: dict, loaded: Loaded) -> None:
+    """A one-line CheckpointError naming the sidecar when it does not describe the model beside it:
+    another format, or an image size or class count other than the model's own input
+    (N, 3, S, S) and output (N, classes) shapes (each dim compared where the model fixes it)."""
+    where, name = sidecar_path(model_path), model_path.name
+    size, n = int(card["image_size"]), len(card["classes"])
+    if card.get("format", fmt) != fmt:
+        raise CheckpointError(f"{where}: says format {card['format']}, but {name} is {fmt}")
+    problems = []
+    if not _fits(loaded.input_shape, (None, 3, size, size)):
+        problems.append(f"image_size {size}, but {name} takes inputs of {_shown(loaded.input_shape)}")
+    if not _fits(loaded.output_shape, (None, n)):
+        problems.append(f"{n} classes, but {name} gives logits of {_shown(loaded.output_shape)}")
+    if problems:
+        raise CheckpointError(f"{where}: {'; '.join(problems)} (a sidecar of another export?)")
+
+
+def _fits(shape: Shape | None, want: Shape) -> bool:
+    """True when `shape` is unknown, or has want's rank and every dim both fix is equal."""
+    if shape is None:
+        return True
+    return len(shape) == len(want) and all(a is None or b is None or a == b for a, b in zip(shape, want))
+
+
+def _shown(shape: Shape) -> str:
+    return " x ".join("N" if d is None else str(d) for d in shape)
+
+
 def exported_logits(model_path: Path, fmt: str, device: str = "cpu") -> tuple[Logits, str]:
-    """(a function giving an exported model's logits, the runtime's name).
+    """(a function giving an exported model's logits, the runtime's name); see load_exported."""
+    loaded = load_exported(model_path, fmt, device)
+    return loaded.run, loaded.runtime
+
+
+def load_exported(model_path: Path, fmt: str, device: str = "cpu") -> Loaded:
+    """An exported model, ready to run, with its input and output shapes where it records them.
 
     ONNX runs through ONNX Runtime (its CUDA provider for a cuda device, where installed);
-    pt2 through torch.export.load. Raises ConfigError when onnxruntime is missing and
-    CheckpointError (one line) for a file the runtime cannot read.
+    pt2 through torch.export.load; safetensors in a fresh torchvision ResNet-18 of the classes its
+    metadata lists. Raises ConfigError when onnxruntime is missing, CheckpointError (one line) for
+    a file the runtime cannot read, WeightsError for a bad safetensors file.
     """
     if fmt == "onnx":
-        return _onnx_logits(model_path, device), "ONNX Runtime"
+        return _onnx_model(model_path, device)
+    if fmt == "safetensors":
+        return _safetensors_model(model_path, device)[0]
+    program = _load_program(model_path)
     # Exported from an eval-mode model: BatchNorm's running statistics are in the graph.
-    return _torch_logits(_load_program(model_path).module(), device), "the loaded torch.export program"
+    return Loaded(_torch_logits(program.module(), device), "the loaded torch.export program",
+                  *_program_shapes(program))
 
 
 def _load_program(model_path: Path) -> torch.export.ExportedProgram:
@@ -131,7 +195,22 @@ def _load_program(model_path: Path) -> torch.export.ExportedProgram:
         logger.setLevel(level)
 
 
-def _onnx_logits(model_path: Path, device: str) -> Logits:
+def _program_shapes(program: torch.export.ExportedProgram) -> tuple[Shape | None, Shape | None]:
+    """(input shape, output shape) of a program of one tensor in and one out, as its graph records
+    them (a dynamic dim is a SymInt there: None here); (None, None) for any other program."""
+    signature = program.graph_signature
+    values = {node.name: node.meta.get("val") for node in program.graph.nodes}
+    if len(signature.user_inputs) != 1 or len(signature.user_outputs) != 1:
+        return None, None
+    shapes = []
+    for name in (signature.user_inputs[0], signature.user_outputs[0]):
+        value = values.get(name)
+        shapes.append(None if not isinstance(value, torch.Tensor) else
+                      tuple(d if isinstance(d, int) else None for d in value.shape))
+    return shapes[0], shapes[1]
+
+
+def _onnx_model(model_path: Path, device: str) -> Loaded:
     try:
         import onnxruntime
     except ImportError as exc:
@@ -143,21 +222,44 @@ def _onnx_logits(model_path: Path, device: str) -> Logits:
         session = onnxruntime.InferenceSession(str(model_path), providers=providers)
     except Exception as exc:  # onnxruntime's InvalidProtobuf, Fail, ...
         raise CheckpointError(f"{model_path}: not a readable ONNX model ({_first_line(exc)})") from exc
-    name = session.get_inputs()[0].name
-    return lambda x: torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0])
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    name = inputs[0].name
+
+    def shape(args: list) -> Shape | None:  # ONNX Runtime names a dynamic dim by a string, or None
+        return tuple(d if isinstance(d, int) else None for d in args[0].shape) if len(args) == 1 else None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.contiguous().numpy()})[0])
+    return Loaded(run, "ONNX Runtime", shape(inputs), shape(outputs))
 
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def classify(images: list[Path], logits: Logits, classes: list[str], image_size: int
+def flat_reason(exc: BaseException) -> str:
+    """A runtime's message in one line: ONNX Runtime puts the dims that differ on later lines."""
+    text = " ".join(str(exc).split()) or "no message"
+    text = text if len(text) <= RUN_ERROR_CHARS else text[:RUN_ERROR_CHARS] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+def classify(images: list[Path], logits: Logits, classes: list[str], image_size: int, source: Path
              ) -> Iterator[tuple[Path, str, float]]:
-    """(image, predicted class, its probability) for each image, one at a time, in order."""
+    """(image, predicted class, its probability) for each image, one at a time, in order.
+    Raises ModelRunError (one line, naming `source`, the model) when the model fails on an image
+    or gives other than one logit per class."""
     transform = eval_transform(image_size)
     for path in images:
         x = transform(load_rgb(path)).unsqueeze(0)
-        probs = torch.softmax(logits(x).float(), dim=1)[0]
+        try:
+            out = logits(x).float()
+        except Exception as exc:  # the runtime's own types (ONNX Runtime's, torch.export's guards)
+            raise ModelRunError(f"{source}: failed on {shown_path(path)} ({flat_reason(exc)})") from exc
+        if tuple(out.shape) != (1, len(classes)):
+            raise ModelRunError(f"{source}: gives logits of shape {tuple(out.shape)} for one image, "
+                                f"expected (1, {len(classes)}) for its {len(classes)} classes")
+        probs = torch.softmax(out, dim=1)[0]
         best = int(probs.argmax())
         yield path, classes[best], float(probs[best])
 
@@ -173,36 +275,41 @@ def predict(checkpoint: Path, images: list[Path], device: str = "cpu") -> Iterat
     check_images(images)
     model, state = trained_model(checkpoint)
     logits = _torch_logits(model, device)
-    yield from classify(images, logits, list(state["classes"]), int(state["config"]["image_size"]))
+    yield from classify(images, logits, list(state["classes"]), int(state["config"]["image_size"]), checkpoint)
 
 
 def predict_exported(model_path: Path, images: list[Path], device: str = "cpu"
                      ) -> Iterator[tuple[Path, str, float]]:
-    """As `predict`, from one file: an exported .onnx or .pt2 with its sidecar, or a run's
-    model.safetensors (its metadata holds the classes and preprocessing).
-    Raises DataError, CheckpointError (model or sidecar), WeightsError (a bad safetensors file)
+    """As `predict`, from one file: an exported .onnx or .pt2 with its sidecar (checked against
+    the model's shapes before any image), or a run's model.safetensors (its metadata holds the
+    classes and preprocessing). Raises DataError, CheckpointError (another suffix, model or
+    sidecar), WeightsError (a bad safetensors file), ModelRunError (the model fails on an image)
     and ConfigError (onnxruntime or safetensors missing), one line each."""
+    fmt = model_format(model_path)
     check_images(images)
-    if not model_path.is_file():
-        raise CheckpointError(f"{model_path}: no such model file")
-    if model_path.suffix == ".safetensors":
-        logits, card = _safetensors_logits(model_path, device)
+    if fmt == "safetensors":
+        loaded, card = _safetensors_model(model_path, device)
     else:
         card = read_sidecar(model_path)
-        logits, _ = exported_logits(model_path, export_format(model_path, card), device)
-    yield from classify(images, logits, card["classes"], int(card["image_size"]))
+        loaded = load_exported(model_path, fmt, device)
+        check_fits(model_path, fmt, card, loaded)
+    yield from classify(images, loaded.run, card["classes"], int(card["image_size"]), model_path)
 
 
-def _safetensors_logits(model_path: Path, device: str) -> tuple[Logits, dict]:
+def _safetensors_model(model_path: Path, device: str) -> tuple[Loaded, dict]:
+    """model.safetensors in a fresh torchvision ResNet-18, as any script would load it, and its
+    metadata; a strict load, so a file of another network or class count is refused."""
+    import torchvision
     tensors, card = read_model_file(model_path)
     check_card(model_path, card)
-    model = build_resnet18(len(card["classes"]))
+    classes = len(card["classes"])
+    model = torchvision.models.resnet18(weights=None, num_classes=classes)
     try:
-        model.load_state_dict(tensors)  # strict: a file of another network is refused here
+        model.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise CheckpointError(f"{model_path}: not a ResNet-18 of {len(card['classes'])} classes "
-                              f"({_first_line(exc)})") from exc
-    return _torch_logits(model.eval(), device), card
+        raise CheckpointError(f"{model_path}: not a ResNet-18 of {classes} classes ({_first_line(exc)})") from exc
+    runtime = "a fresh torchvision ResNet-18 (strict load_state_dict)"
+    return Loaded(_torch_logits(model.eval(), device), runtime, None, (None, classes)), card
 
 
 def _torch_logits(model: torch.nn.Module, device: str) -> Logits:

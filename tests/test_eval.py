@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from PIL import Image
 from fastft import evaluation
 from fastft.cli import main
 from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fastft.errors import ConfigError, DataError
+from fastft.errors import CheckpointError, ConfigError, DataError
 from fastft.model import build_resnet18
 
 RUN_CLASSES = ["a", "b", "c", "d"]  # the run knows b; the data has no b folder
@@ -252,3 +255,143 @@ def test_loaders_agree_on_a_real_model(real_run):
     if "dali" in runs:
         assert (runs["dali"].probs - torch_ev.probs).abs().max() <= DALI_PROB_ATOL
 
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_new_eval_replaces_every_file_of_the_earlier_one(forced_run, forced_data, tmp_path, monkeypatch, capsys):
+    """No earlier mistakes.png (or confusion.png) stays beside new numbers; other files stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["eval", "--checkpoint", str(forced_run), "--top", "100000", "--out", str(out)]) == 0
+    first = json.loads((out / "eval.json").read_text())
+    assert (first["checkpoint"], first["data"], first["split"], first["loader"], first["epoch"]) == (
+        str(forced_run), str(forced_data), "test", "torch", 1)
+    assert "replaced" not in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(forced_run), "--split", "train", "--top", "0", "--out", str(out)]) == 0
+    assert f"replaced the earlier results in {out} ({first['header']}): eval.json, confusion.png, mistakes.png; " \
+           f"mistakes.png removed, not written this time" in capsys.readouterr().out
+    assert _names(out) == ["confusion.png", "eval.json", "notes.txt"]
+    assert json.loads((out / "eval.json").read_text())["split"] == "train"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no PNGs this time: the earlier one goes too
+    assert main(["eval", "--checkpoint", str(forced_run), "--out", str(out)]) == 0
+    assert "confusion.png removed, not written this time" in capsys.readouterr().out
+    assert _names(out) == ["eval.json", "notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("out, message", [
+    ("checkpoint.pt", "--out {run}/checkpoint.pt is a file; eval writes eval.json, confusion.png, "
+                      "mistakes.png into a folder"),
+    ("checkpoint.pt/sub", "--out {run}/checkpoint.pt/sub is inside the file {run}/checkpoint.pt; eval writes "
+                          "eval.json, confusion.png, mistakes.png into a folder"),
+    ("taken", "--out {run}/taken: eval.json there is not a file, so eval cannot replace it"),
+])
+def test_an_out_that_cannot_hold_the_files_is_one_line(forced_run, out, message, capsys):
+    (forced_run / "taken" / "eval.json").mkdir(parents=True)
+    before = (forced_run / "checkpoint.pt").read_bytes()
+    assert main(["eval", "--checkpoint", str(forced_run), "--out", str(forced_run / out)]) == 2
+    assert capsys.readouterr().err == f"fastft: error: {message.format(run=forced_run)}\n"
+    assert (forced_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_failed_write_is_one_line(forced_run, tmp_path, monkeypatch, capsys):
+    def full_disk(path, obj):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr("fastft.report.write_json_atomic", full_disk)
+    assert main(["eval", "--checkpoint", str(forced_run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    where = tmp_path / "out" / "eval.json"
+    assert err[-1] == f"fastft: error: {where}: cannot write eval's results (No space left on device)"
+
+
+@pytest.fixture
+def test_only(forced_data, tmp_path) -> Path:
+    """A data folder with the test split alone."""
+    shutil.copytree(forced_data / "test", tmp_path / "only" / "test")
+    return tmp_path / "only"
+
+
+def test_only_the_scored_split_is_read(forced_run, test_only, tmp_path):
+    """DIR/test alone, with empty train class folders beside it, or DIR = the split's class folders."""
+    def scored(data: Path, name: str) -> dict:
+        assert main(["eval", "--checkpoint", str(forced_run), "--data", str(data), "--out", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name / "eval.json").read_text())
+    alone = scored(test_only, "alone")
+    for name in ("a", "c", "d"):
+        (test_only / "train" / name).mkdir(parents=True)
+    beside_empty = scored(test_only, "beside-empty")
+    itself = scored(test_only / "test", "itself")
+    for got in (alone, beside_empty, itself):
+        assert got["confusion"] == CONFUSION and len(got["predictions"]) == 9
+    assert (alone["data"], alone["split"]) == (str(test_only), "test")
+    assert (itself["data"], itself["split"]) == (str(test_only / "test"), None)
+    assert [p["path"] for p in itself["predictions"]] == [p["path"] for p in alone["predictions"]]
+
+
+def test_a_split_that_is_not_there_or_not_the_runs_is_one_line(forced_run, test_only, tmp_path):
+    def message(data: Path) -> str:
+        with pytest.raises(DataError) as caught:
+            evaluation.evaluate(evaluation.EvalOptions(forced_run, data=str(data), progress=False))
+        return str(caught.value)
+    _png(test_only / "test" / "e" / "e1.png", 1)
+    assert message(test_only) == (f"{test_only / 'test' / 'e'}: class 'e' is not one of the run's classes "
+                                  f"(a, b, c, d), so the model cannot predict it")
+    other = tmp_path / "other"
+    _png(other / "train" / "a" / "a1.png", 1)  # a train split only, scored as test
+    _png(other / "x" / "x1.png", 1)
+    assert message(other) == (f"{other / 'test'}: missing split folder (expected {other / 'test' / 'CLASS'}/*.jpg, "
+                              f"or --data naming one split's class folders)")
+
+
+def test_a_runs_model_safetensors_is_a_model_source(forced_run, forced_data, tmp_path, capsys):
+    from fastft.weights import model_card, write_model_file
+    path = forced_run / "model.safetensors"
+    # The stand-in model ignores the tensors; the metadata gives the classes, size and epoch.
+    write_model_file(path, {"w": torch.zeros(1)}, model_card(RUN_CLASSES, 32, 3))
+    assert main(["eval", "--checkpoint", str(path)]) == 2
+    assert capsys.readouterr().err == (f"fastft: error: {path}: no readable config.json beside it to name the "
+                                       f"run's data; pass --data DIR, or --checkpoint RUN_DIR\n")
+    config = {"data": str(forced_data), "image_size": 224, "strategy": "frozen", "resolved": {}}
+    (forced_run / "config.json").write_text(json.dumps(config))
+    assert main(["eval", "--checkpoint", str(path), "--out", str(tmp_path / "out")]) == 0
+    got = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert got["confusion"] == CONFUSION and (got["checkpoint"], got["epoch"], got["image_size"]) == (str(path), 3, 32)
+
+
+def test_weights_of_another_shape_are_one_line(forced_data, tmp_path):
+    run = _fake_run(tmp_path / "run", forced_data, RUN_CLASSES, {"fc.weight": torch.zeros(2, 512)})
+    with pytest.raises(CheckpointError, match=rf"^{run}: not a ResNet-18 of 4 classes \(.*fc\.weight.*\)$"):
+        evaluation.evaluate(evaluation.EvalOptions(run, progress=False))
+
+
+def test_a_closed_stdout_ends_eval_quietly(forced_run, tmp_path, capsys):
+    """`fastft eval ... | head -3`: exit 141, no traceback, and stdout's fd left on devnull so a
+    later flush (the interpreter's at exit) cannot raise again."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone, as head's after its lines
+    stdout, saved = os.fdopen(write, "w"), sys.stdout
+    sys.stdout = stdout
+    try:
+        assert main(["eval", "--checkpoint", str(forced_run), "--out", str(tmp_path / "out")]) == 141
+        stdout.write("more")
+        stdout.flush()
+    finally:
+        sys.stdout = saved
+        stdout.close()
+    assert "Traceback" not in capsys.readouterr().err
+    assert (tmp_path / "out" / "eval.json").is_file()  # the files are written before the report's last lines
+
+
+def test_a_closed_stdout_ends_the_program_quietly(tiny_data):
+    """Every command, through the interpreter's exit: no 'Exception ignored ... BrokenPipeError'."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "fastft", "data", "check", str(tiny_data)],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")

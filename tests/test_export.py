@@ -131,7 +131,7 @@ def test_a_failed_check_keeps_no_file(tmp_path, monkeypatch):
     """The gate itself: an export whose logits are off by 1e-2 is refused and leaves nothing."""
     run = make_run(tmp_path / "run", tmp_path / "moved-away")
     model, _ = trained_model(run)
-    monkeypatch.setattr("fastft.export._export", lambda model, sample, path, fmt: path.write_bytes(b"x"))
+    monkeypatch.setattr("fastft.export._export", lambda model, sample, path, *_: path.write_bytes(b"x"))
 
     def off_by(path, fmt):
         return (lambda x: model(x).detach() + 1e-2), "a runtime"
@@ -166,3 +166,79 @@ def test_missing_packages_are_one_line_with_the_install_command(tmp_path, monkey
         list(predict_exported(run / "model.onnx", [tmp_path / "red.png"]))
     assert str(caught.value) == (f"{run / 'model.onnx.json'}: missing; `fastft export` writes it next to "
                                  f"model.onnx, with the classes and preprocessing predict needs")
+
+
+RUN_FILES = {"model.safetensors": b"weights", "metrics.jsonl": b"{}\n", "summary.json": b"{}", "curves.png": b"png"}
+
+
+def test_out_ends_in_the_format_suffix_and_never_names_a_run_file(tmp_path, capsys):
+    run = make_run(tmp_path / "run", None)
+    other = make_run(tmp_path / "other", None)
+    for folder in (run, other):
+        for name, data in RUN_FILES.items():
+            (folder / name).write_bytes(data)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [("onnx", run / "model.safetensors", "--format onnx writes a .onnx file, so --out must end in .onnx"),
+             ("onnx", run / "metrics.jsonl", "--format onnx writes a .onnx file, so --out must end in .onnx"),
+             ("pt2", tmp_path / "x.onnx", "--format pt2 writes a .pt2 file, so --out must end in .pt2"),
+             ("pt2", run / "checkpoint.pt", "--format pt2 writes a .pt2 file, so --out must end in .pt2"),
+             ("safetensors", run / "summary.json", "--format safetensors writes a .safetensors file, so --out "
+                                                   "must end in .safetensors"),
+             ("safetensors", other / "model.safetensors", f"would overwrite the model.safetensors of the run "
+                                                          f"in {other}; choose another name")]
+    for fmt, out, why in cases:
+        assert main(["export", "--checkpoint", str(run), "--format", fmt, "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err) == ("", f"fastft: error: --out {out}: {why}\n")
+    # --out a run folder: FOLDER/model.safetensors, that run's own file, refused too
+    assert main(["export", "--checkpoint", str(run), "--format", "safetensors", "--out", str(other)]) == 2
+    assert capsys.readouterr().err == (f"fastft: error: --out {other / 'model.safetensors'}: would overwrite the "
+                                       f"model.safetensors of the run in {other}; choose another name\n")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_predict_model_takes_only_model_files(tmp_path, tiny_data, capsys):
+    run = make_run(tmp_path / "run", None)
+    image = str(sorted((tiny_data / "test").glob("*/*.jpg"))[0])
+    expected = {run / "config.json": "expected a .onnx, .pt2 or .safetensors file",
+                run / "model.onnx.json": "expected a .onnx, .pt2 or .safetensors file",
+                run / "checkpoint.pt": "expected a .onnx, .pt2 or .safetensors file (a run's checkpoint goes "
+                                       "to --checkpoint)",
+                run: "a folder; --model expects a .onnx, .pt2 or .safetensors file (a run folder goes to "
+                     "--checkpoint)",
+                run / "model.pt2": "no such model file"}
+    for model, why in expected.items():
+        assert main(["predict", "--model", str(model), image]) == 2
+        assert capsys.readouterr().err == f"fastft: error: {model}: {why}\n"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_a_sidecar_that_does_not_fit_the_model_is_one_line(exported, fmt, tiny_data, tmp_path, monkeypatch, capsys):
+    if fmt not in exported["lines"]:
+        pytest.skip("ONNX needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime")
+    from fastft.predict import ModelRunError, check_fits, classify, load_exported
+    model = tmp_path / f"model.{fmt}"
+    model.symlink_to(exported["run"] / f"model.{fmt}")
+    card = json.loads((exported["run"] / f"model.{fmt}.json").read_text())
+    sidecar, image = tmp_path / f"model.{fmt}.json", sorted((tiny_data / "test").glob("*/*.jpg"))[0]
+    sidecar.write_text(json.dumps({**card, "image_size": 64, "resize": 73}))
+    assert main(["predict", "--model", str(model), str(image)]) == 2  # checked before any image is run
+    assert capsys.readouterr().err == (f"fastft: error: {sidecar}: image_size 64, but model.{fmt} takes inputs "
+                                       f"of N x 3 x 32 x 32 (a sidecar of another export?)\n")
+    loaded = load_exported(model, fmt)
+    other = "pt2" if fmt == "onnx" else "onnx"
+    for change, why in (({"classes": ["a", "b", "c"]}, f"3 classes, but model.{fmt} gives logits of N x 2 "
+                                                       f"(a sidecar of another export?)"),
+                        ({"format": other}, f"says format {other}, but model.{fmt} is {fmt}")):
+        with pytest.raises(CheckpointError) as caught:
+            check_fits(model, fmt, {**card, **change}, loaded)
+        assert str(caught.value) == f"{sidecar}: {why}"
+    check_fits(model, fmt, card, loaded)  # the export's own sidecar fits
+    # Where a model records no shapes, running it is the check: still one line, naming the model.
+    with pytest.raises(ModelRunError) as caught:
+        next(classify([image], loaded.run, CLASSES, 64, model))
+    want = ("Got: 64 Expected: 32" if fmt == "onnx" else "AssertionError: Guard failed: x.size()[2] == 32")
+    assert caught.value.one_line().startswith(f"{model}: failed on {image} (") and want in str(caught.value)
+    with pytest.raises(ModelRunError) as caught:
+        next(classify([image], loaded.run, ["a", "b", "c"], 32, model))
+    assert str(caught.value) == f"{model}: gives logits of shape (1, 2) for one image, expected (1, 3) for its 3 classes"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -126,3 +127,42 @@ def test_a_bad_safetensors_file_is_one_line(tmp_path, imagenet_like):
     # A safetensors file under another name is read as one (its first bytes say so).
     (tmp_path / "renamed.bin").write_bytes(good.read_bytes())
     assert len(read_weights(tmp_path / "renamed.bin")[0]) == 122
+
+
+def test_export_writes_the_model_file_a_stopped_run_lacks(tiny_data, tmp_path, monkeypatch, capsys):
+    """A run stopped before its last epoch has a checkpoint and no model.safetensors; export makes
+    it, checked bit-exact in a fresh torchvision ResNet-18, with the checkpoint's epoch."""
+    from test_export import CLASSES, make_run
+    run = make_run(tmp_path / "run", tiny_data)  # checkpoint.pt of epoch 3, config.json
+    ours, _ = trained_model(run)
+    # The gate: any difference at all is refused, and nothing is left.
+    monkeypatch.setattr("fastft.export.exported_logits",
+                        lambda path, fmt: ((lambda x: ours(x).detach() + 1e-6), "a runtime"))
+    two = sorted((tiny_data / "test").glob("*/*.jpg"))[:2]
+    assert main(["export", "--checkpoint", str(run), "--format", "safetensors", "--images", *map(str, two)]) == 2
+    assert re.fullmatch(r"fastft: error: safetensors export differs from PyTorch by up to 1\.0\de-06 in the logits "
+                        r"on 2 images given with --images \(tolerance 0\.0e\+00\); the file was not kept\n",
+                        capsys.readouterr().err)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json"]
+    monkeypatch.undo()
+    assert main(["export", "--checkpoint", str(run), "--format", "safetensors", "--images", *map(str, two)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"exported {run / MODEL_FILE} (safetensors, torchvision ResNet-18 weights for "
+                               f"inputs N x 3 x 32 x 32, N dynamic) in ")
+    assert lines[1].startswith("checked with a fresh torchvision ResNet-18 (strict load_state_dict) on 2 images "
+                               "given with --images, batches of 1 and 2: max abs logit difference 0.0e+00 from "
+                               "PyTorch (tolerance 0.0e+00) in ")
+    assert lines[2:] == ["preprocessing and classes: in its metadata (no sidecar)"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", MODEL_FILE]  # no sidecar
+    tensors, card = read_model_file(run / MODEL_FILE)
+    assert card == {"format": "pt", **model_card(CLASSES, 32, 3)}  # the checkpoint's epoch
+    plain = torchvision.models.resnet18(num_classes=2)
+    plain.load_state_dict(tensors, strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), ours(x))
+    # What the run itself would have written with this checkpoint: the same tensors and metadata.
+    assert save_run_weights(tmp_path, ours, CLASSES, 32, 3) is None
+    run_tensors, run_card = read_model_file(tmp_path / MODEL_FILE)
+    assert run_card == card and set(run_tensors) == set(tensors)
+    assert all(torch.equal(run_tensors[k], v) and run_tensors[k].dtype == v.dtype for k, v in tensors.items())
