@@ -17,6 +17,8 @@ AMP dtype (`--amp auto` resolves as the engine does: bf16 on a CPU with AVX512-B
     ideal frozen   = import + epochs x train / forward rate + test / forward rate
                      (the train images only go forward; the test features are kept after epoch 1)
     efficiency     = ideal / the job's process wall time
+    efficiency_cpu = the same ideal in CPU seconds (import's CPU time, the ceiling's images per
+                     CPU second) / the job's CPU seconds (its process and workers, getrusage)
 
 Import is timed as the issue's table times it, a whole process (`python -c "import torch,
 torchvision"`), which includes the interpreter's teardown of those modules at exit; the
@@ -25,13 +27,16 @@ efficiency with import timed without that teardown (os._exit) is printed beside 
 Each repeat measures the ceiling and then every job, so a noisy neighbour hits ideal and job alike;
 the table gives every repeat and the median. `--reference` adds each job run with `fastft bench`'s
 REFERENCE settings (torch loader, fp32, NCHW, eager, no fast path, fp32 batches): "vs d2l" is its
-process wall over fastft's.
+process wall over fastft's, and the same in CPU seconds. On a machine shared with other work the
+wall figures swing with the neighbours (a job's wall time doubled from one repeat to the next);
+the CPU-second figures count the work each job did and move far less, so read those first there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -70,13 +75,11 @@ def count_images(split: Path) -> int:
     return sum(1 for p in split.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def import_seconds(teardown: bool = True) -> float:
-    """Wall time of a fresh interpreter that imports torch and torchvision and exits (s); with
+def import_seconds(teardown: bool = True) -> tuple[float, float]:
+    """(wall, CPU) s of a fresh interpreter that imports torch and torchvision and exits; with
     teardown=False it ends with os._exit, skipping the interpreter's teardown of those modules."""
     code = "import torch, torchvision" + ("" if teardown else ", os; os._exit(0)")
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return time.perf_counter() - start
+    return timed_process([sys.executable, "-c", code])
 
 
 def ceiling_rates(batch: int, size: int, amp: str, steps: int) -> dict:
@@ -105,51 +108,66 @@ def ceiling_rates(batch: int, size: int, amp: str, steps: int) -> dict:
             model(x)
 
     model.train()
-    step_s = _median_seconds(step, steps)
+    step_s, step_cpu = _median_seconds(step, steps)
     model.eval()
-    forward_s = _median_seconds(forward, steps)
+    forward_s, forward_cpu = _median_seconds(forward, steps)
+    # *_cpu: images per CPU second of this process (all its threads), for the CPU-time ideal.
     return {"amp": str(dtype).replace("torch.", "") if dtype else "fp32",
-            "step_img_s": batch / step_s, "forward_img_s": batch / forward_s}
+            "step_img_s": batch / step_s, "forward_img_s": batch / forward_s,
+            "step_img_cpu": batch / step_cpu, "forward_img_cpu": batch / forward_cpu}
 
 
-def _median_seconds(fn, repeats: int, warmup: int = 2) -> float:
+def _median_seconds(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Medians of (wall, CPU) seconds per call of `fn`, after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
-def ideal_seconds(strategy: str, ceiling: dict, import_s: float, train: int, test: int, epochs: int) -> float:
-    """The job with nothing but import and model work (see the module doc)."""
-    fwd = ceiling["forward_img_s"]
+def ideal_seconds(strategy: str, ceiling: dict, import_s: float, train: int, test: int, epochs: int,
+                  unit: str = "s") -> float:
+    """The job with nothing but import and model work (see the module doc); unit "s" in wall
+    seconds, "cpu" in CPU seconds (the ceiling's images per CPU second)."""
+    fwd = ceiling[f"forward_img_{unit}"]
     if strategy == "frozen":
         return import_s + epochs * train / fwd + test / fwd
-    return import_s + epochs * train / ceiling["step_img_s"] + epochs * test / fwd
+    return import_s + epochs * train / ceiling[f"step_img_{unit}"] + epochs * test / fwd
 
 
 # `fastft train` through main(argv): the CLI's fast exit is for the program only, so this one tears down.
 WITH_TEARDOWN = ["-c", "import sys; from fastft.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
+def timed_process(cmd: list[str], **kwargs) -> tuple[float, float]:
+    """Run `cmd` to its end: (wall s, CPU s). CPU is user + system time of the process and the
+    processes it waited for (DataLoader workers), from getrusage(RUSAGE_CHILDREN). On a machine
+    shared with other work a job's wall time swings with its neighbours; its CPU time, the work
+    it did, moves far less, so the "vs" ratios are also given in CPU seconds."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kwargs)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def run_job(args, strategy: str, out: Path, extra: list[str], launcher: list[str] = ("-m", "fastft")) -> dict:
-    """`fastft train` as its own process: wall time (s) and the summary's job_s and phases_s."""
+    """`fastft train` as its own process: wall and CPU time (s) and the summary's job_s and phases_s."""
     cmd = [sys.executable, *launcher, "train", "--data", str(args.data), "--strategy", strategy,
            "--weights", "none", "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
            "--epochs", str(args.epochs), "--out", str(out), *extra]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
+    wall, cpu = timed_process(cmd)
     summary = json.loads((out / "summary.json").read_text())
-    return {"cmd": " ".join(cmd[1:]), "wall_s": wall, "job_s": summary.get("job_s"),
+    return {"cmd": " ".join(cmd[1:]), "wall_s": wall, "cpu_s": cpu, "job_s": summary.get("job_s"),
             "phases_s": summary.get("phases_s"), "amp": summary["amp"], "loader": summary["loader"]}
 
 
-def timm_job(args, out: Path) -> float:
-    """Process wall time (s) of the same finetune job through timm's train.py, as the issue's table
+def timm_job(args, out: Path) -> tuple[float, float]:
+    """Process (wall, CPU) time (s) of the same finetune job through timm's train.py, as the issue's table
     ran it: fp32, channels_last, 2 workers, random init (--weights none), plain momentum SGD at
     the chapter's lr, no schedule (a step schedule that never steps), evaluation every epoch."""
     cmd = [sys.executable, str(args.timm), "--data-dir", str(args.data), "--train-split", "train",
@@ -158,27 +176,31 @@ def timm_job(args, out: Path) -> float:
            "--channels-last", "-j", "2", "--device", "cpu", "--opt", "momentum", "--lr", "5e-5",
            "--weight-decay", "1e-3", "--sched", "step", "--decay-epochs", "1000", "--warmup-epochs", "0",
            "--output", str(out), "--log-interval", "1000"]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    return timed_process(cmd, stderr=subprocess.DEVNULL)
 
 
 def one_repeat(args, repeat: int, jobs: list[str], work: Path, train: int, test: int) -> dict:
-    result = {"import_s": import_seconds(), "import_no_teardown_s": import_seconds(teardown=False),
+    (import_s, import_cpu), (lean_s, _) = import_seconds(), import_seconds(teardown=False)
+    result = {"import_s": import_s, "import_cpu_s": import_cpu, "import_no_teardown_s": lean_s,
               **ceiling_rates(args.batch_size, args.image_size, args.amp, args.steps), "jobs": {}}
     for strategy in jobs:
         run = run_job(args, strategy, work / f"{strategy}-{repeat}", args.extra.split())
         run["ideal_s"] = ideal_seconds(strategy, result, result["import_s"], train, test, args.epochs)
         run["efficiency"] = run["ideal_s"] / run["wall_s"]
+        # In CPU seconds: the work the ideal job does against the work the job did, which a busy
+        # neighbour changes far less than it changes either's wall time.
+        run["ideal_cpu_s"] = ideal_seconds(strategy, result, import_cpu, train, test, args.epochs, "cpu")
+        run["efficiency_cpu"] = run["ideal_cpu_s"] / run["cpu_s"]
         # The same ideal with import timed without the interpreter's teardown (see import_seconds).
         lean = ideal_seconds(strategy, result, result["import_no_teardown_s"], train, test, args.epochs)
         run["efficiency_no_teardown"] = lean / run["wall_s"]
         if args.reference:
             ref = run_job(args, strategy, work / f"{strategy}-ref-{repeat}", REFERENCE_FLAGS)
             run["reference_wall_s"], run["vs_d2l"] = ref["wall_s"], ref["wall_s"] / run["wall_s"]
+            run["reference_cpu_s"], run["vs_d2l_cpu"] = ref["cpu_s"], ref["cpu_s"] / run["cpu_s"]
         if args.timm and strategy == "finetune":  # timm has no frozen mode
-            run["timm_wall_s"] = timm_job(args, work / f"timm-{repeat}")
-            run["vs_timm"] = run["timm_wall_s"] / run["wall_s"]
+            run["timm_wall_s"], run["timm_cpu_s"] = timm_job(args, work / f"timm-{repeat}")
+            run["vs_timm"], run["vs_timm_cpu"] = run["timm_wall_s"] / run["wall_s"], run["timm_cpu_s"] / run["cpu_s"]
         result["jobs"][strategy] = run
         print(f"repeat {repeat + 1}: {strategy} {_job_text(run)}", flush=True)
         if args.with_teardown:
@@ -193,9 +215,10 @@ def one_repeat(args, repeat: int, jobs: list[str], work: Path, train: int, test:
 def _job_text(run: dict) -> str:
     text = f"{run['wall_s']:.1f} s (ideal {run['ideal_s']:.1f} s, efficiency {run['efficiency']:.2f})"
     if "vs_d2l" in run:
-        text += f", reference {run['reference_wall_s']:.1f} s ({run['vs_d2l']:.2f}x)"
+        text += f", reference {run['reference_wall_s']:.1f} s ({run['vs_d2l']:.2f}x; CPU {run['vs_d2l_cpu']:.2f}x)"
     if "vs_timm" in run:
-        text += f", timm {run['timm_wall_s']:.1f} s ({run['vs_timm']:.2f}x)"
+        text += f", timm {run['timm_wall_s']:.1f} s ({run['vs_timm']:.2f}x; CPU {run['vs_timm_cpu']:.2f}x)"
+    text += f"; CPU {run['cpu_s']:.1f} s (ideal {run['ideal_cpu_s']:.1f} s, efficiency {run['efficiency_cpu']:.2f})"
     phases = run.get("phases_s") or {}
     text += f"; job_s {run['job_s']:.1f} + {run['wall_s'] - run['job_s']:.1f} s after the summary" if run["job_s"] else ""
     return text + "; " + ", ".join(f"{k} {phases[k]:.1f}" for k in (*NAMES, "other") if k in phases)
@@ -216,16 +239,19 @@ def summary_lines(repeats: list[dict], jobs: list[str]) -> list[str]:
         line = (f"  {job}: whole job {_spread(repeats, lambda r: r['jobs'][job]['wall_s'])} s, "
                 f"ideal {_spread(repeats, lambda r: r['jobs'][job]['ideal_s'])} s, efficiency "
                 f"{_spread(repeats, lambda r: r['jobs'][job]['efficiency'], 2)} (import without teardown: "
-                f"{_spread(repeats, lambda r: r['jobs'][job]['efficiency_no_teardown'], 2)})")
+                f"{_spread(repeats, lambda r: r['jobs'][job]['efficiency_no_teardown'], 2)}; in CPU seconds: "
+                f"{_spread(repeats, lambda r: r['jobs'][job]['efficiency_cpu'], 2)})")
         if "teardown_wall_s" in repeats[0]["jobs"][job]:
             line += (f"; exiting with the teardown {_spread(repeats, lambda r: r['jobs'][job]['teardown_wall_s'])}"
                      f" s, efficiency {_spread(repeats, lambda r: r['jobs'][job]['efficiency_teardown'], 2)}")
         if "vs_d2l" in repeats[0]["jobs"][job]:
             line += (f", reference {_spread(repeats, lambda r: r['jobs'][job]['reference_wall_s'])} s, "
-                     f"vs d2l {_spread(repeats, lambda r: r['jobs'][job]['vs_d2l'], 2)}x faster")
+                     f"vs d2l {_spread(repeats, lambda r: r['jobs'][job]['vs_d2l'], 2)}x faster "
+                     f"(CPU seconds: {_spread(repeats, lambda r: r['jobs'][job]['vs_d2l_cpu'], 2)}x)")
         if "vs_timm" in repeats[0]["jobs"][job]:
             line += (f", timm {_spread(repeats, lambda r: r['jobs'][job]['timm_wall_s'])} s, "
-                     f"vs timm {_spread(repeats, lambda r: r['jobs'][job]['vs_timm'], 2)}x faster")
+                     f"vs timm {_spread(repeats, lambda r: r['jobs'][job]['vs_timm'], 2)}x faster "
+                     f"(CPU seconds: {_spread(repeats, lambda r: r['jobs'][job]['vs_timm_cpu'], 2)}x)")
         lines.append(line)
     return lines
 
