@@ -361,7 +361,7 @@ class Trainer:
         finally:  # success, an error or Ctrl-C: the write in flight lands before the run reports
             with self.phases.timed("checkpoints"):  # the last write's wait is the job's too
                 self.checkpoints.wait()
-            self.reporter.close()  # TensorBoard's event file closed (each epoch was flushed)
+            self.reporter.close()  # curves.png with every logged epoch; TensorBoard's file closed
         if record is None:
             raise ConfigError(f"{self.run_dir} already finished {self.start_epoch} epochs; "
                               f"pass a larger --epochs to train on")
