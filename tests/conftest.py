@@ -5,6 +5,7 @@ Everything runs on the CPU in seconds: 32 px images, batch 8, no worker processe
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -74,3 +75,20 @@ def make_cfg(tiny_data, imagenet_like, tmp_path):
         values.update(overrides)
         return TrainConfig(**values)
     return make
+
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench_script(name: str):
+    """bench/NAME.py as a module: the bench scripts are run by path, not installed."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """load_bench_script, for the tests of the bench/ scripts."""
+    return load_bench_script

@@ -6,23 +6,18 @@ benchmark runs here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "compare.py"
 MACHINE = "Linux-CPython-3.11-64bit"
 
 
 @pytest.fixture(scope="module")
-def gate():
-    spec = importlib.util.spec_from_file_location("bench_compare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gate(bench_script):
+    return bench_script("compare")
 
 
 def save(storage: Path, number: int, ratios: dict) -> Path:

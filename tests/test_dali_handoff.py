@@ -6,24 +6,17 @@ means something; DALI then runs on CPU operators over the tiny set.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastft.data import dali_available
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "dali_handoff.py"
-
 
 @pytest.fixture(scope="module")
-def handoff():
-    spec = importlib.util.spec_from_file_location("dali_handoff", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def handoff(bench_script):
+    return bench_script("dali_handoff")
 
 
 def batches(n: int, reuse: bool):

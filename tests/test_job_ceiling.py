@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "job_ceiling.py"
-
 
 @pytest.fixture(scope="module")
-def jc():
-    spec = importlib.util.spec_from_file_location("bench_job_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def jc(bench_script):
+    return bench_script("job_ceiling")
 
 
 CEILING = {"step_img_s": 10.0, "forward_img_s": 40.0, "step_img_cpu": 5.0, "forward_img_cpu": 20.0}
