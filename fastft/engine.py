@@ -154,7 +154,9 @@ class Trainer:
             if source is not None:
                 for line in load_matching(model, source, label).lines():
                     self.reporter.say(line)
-            self.strategy.init_head(model, source, list(self.layout.classes))
+            note = self.strategy.init_head(model, source, list(self.layout.classes))
+            if note:
+                self.reporter.say(note)
         self.strategy.freeze(model)
         if self.cfg.sync_bn and self.rt.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -78,12 +78,18 @@ class Strategy:
         groups = [{"params": body, "lr": lr}] if body else []
         return groups + [{"params": head, "lr": lr * head_lr_mult}]
 
-    def init_head(self, model: nn.Module, source: dict | None, class_names: list[str]) -> None:
+    def init_head(self, model: nn.Module, source: dict | None, class_names: list[str]) -> str | None:
+        """Initialise the new head in place; returns a line for the log where the head does not
+        start as the load report suggests (hotdog's head comes from the file's 1000-way fc, which
+        the report lists as skipped for its shape)."""
         head = getattr(model, HEAD)
         if self.head_init == "xavier":
             nn.init.xavier_uniform_(head.weight)  # the chapter's init for the new layer
         elif self.head_init == "hotdog":
             seed_head_from_imagenet_hotdog(head, source, class_names)
+            return (f"  {HEAD} seeded from the file's 1000-way {HEAD}: 'hotdog' takes ImageNet row "
+                    f"{IMAGENET_HOTDOG_ROW}, every other class the mean of the other 999 rows")
+        return None
 
 
 def seed_head_from_imagenet_hotdog(head: nn.Linear, source: dict | None, class_names: list[str]) -> None:

@@ -62,9 +62,14 @@ def test_partial_freezes_the_stem_and_first_k_stages_exactly(make_cfg, k):
     assert changed == (changed | unchanged) - expect_frozen
 
 
-def test_hotdog_head_rows_come_from_imagenet_row_934(make_cfg, imagenet_like):
+def test_hotdog_head_rows_come_from_imagenet_row_934(make_cfg, imagenet_like, capsys):
     source = torch.load(imagenet_like, weights_only=True)
     trainer = Trainer(make_cfg(strategy="hotdog")).setup()
+    # The load report lists the file's fc as skipped for its shape; the next line says where the head came from.
+    lines = capsys.readouterr().out.splitlines()
+    skipped = next(i for i, line in enumerate(lines) if line.startswith("  skipped for a shape mismatch: fc"))
+    assert lines[skipped + 1:].count("  fc seeded from the file's 1000-way fc: 'hotdog' takes ImageNet row 934, "
+                                     "every other class the mean of the other 999 rows") == 1
     classes = list(trainer.data.classes)
     hot, other = classes.index("hotdog"), classes.index("not-hotdog")
     weight, bias = trainer.model.fc.weight.detach(), trainer.model.fc.bias.detach()
