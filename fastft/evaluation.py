@@ -53,7 +53,7 @@ EVAL_LOADERS = ("torch", "dali", "cached")
 SPLITS = ("test", "train")
 EVAL_FILES = ("eval.json", "confusion.png", "mistakes.png")  # eval's own files in --out; no other is touched
 PLOT_HINT = "confusion.png and mistakes.png need matplotlib: pip install matplotlib (or pip install 'fastft[plot]')"
-DPI = 100                  # pixels per inch of both figures
+DPI = 100                  # pixels per inch of both figures (curves.new_figure's too)
 CONFUSION_IN = (2.5, 0.8)  # inches: margin for labels, then per class (the figure is square)
 SHEET_COLUMNS = 4          # images per row of mistakes.png
 SHEET_CELL_IN = (2.0, 2.5)  # inches per image: width, height (image, file name, true / predicted)
@@ -285,23 +285,25 @@ def as_json(ev: Evaluation) -> dict:
     }
 
 
-def _pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is missing."""
+def _figure_maker():
+    """curves.new_figure (a matplotlib Figure on the file-only Agg canvas, no pyplot: a caller's
+    backend and figures stay as they are), or None where matplotlib is missing."""
+    from fastft.curves import MatplotlibMissing, new_figure
     try:
-        import matplotlib
-    except ImportError:
+        import matplotlib  # noqa: F401  (the package itself, not only submodules a run imported)
+        new_figure((1.0, 1.0))
+    except (ImportError, MatplotlibMissing):
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    return new_figure
 
 
-def plot_confusion(plt, ev: Evaluation, path: Path) -> None:
+def plot_confusion(new_figure, ev: Evaluation, path: Path) -> None:
     """confusion.png: counts in the cells, class names on the axes, rows true (as sklearn's
     ConfusionMatrixDisplay); (margin + per class x K) inches square at DPI."""
     cm, names, k = ev.scores.confusion, ev.classes, len(ev.classes)
     side = CONFUSION_IN[0] + CONFUSION_IN[1] * k
-    fig, ax = plt.subplots(figsize=(side, side), dpi=DPI)
+    fig = new_figure((side, side))
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues", vmin=0)
     top = max(max(row) for row in cm)
     for i in range(k):
@@ -316,18 +318,17 @@ def plot_confusion(plt, ev: Evaluation, path: Path) -> None:
     ax.set_title(f"accuracy {s.accuracy:.3f} ({s.correct} of {sum(s.support)})")
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
 
 
-def plot_mistakes(plt, ev: Evaluation, path: Path) -> None:
+def plot_mistakes(new_figure, ev: Evaluation, path: Path) -> None:
     """mistakes.png: each mistake's image (aspect kept), its file name above, true and predicted
     class with the probability below; SHEET_COLUMNS per row, SHEET_CELL_IN inches each at DPI."""
     from fastft.data.images import load_rgb
     n = len(ev.mistakes)
     cols = min(n, SHEET_COLUMNS)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, squeeze=False, dpi=DPI,
-                             figsize=(SHEET_CELL_IN[0] * cols, SHEET_CELL_IN[1] * rows))
+    fig = new_figure((SHEET_CELL_IN[0] * cols, SHEET_CELL_IN[1] * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, m in zip(axes.flat, ev.mistakes):
@@ -342,7 +343,6 @@ def plot_mistakes(plt, ev: Evaluation, path: Path) -> None:
                       fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
 
 
 def default_out(checkpoint: Path, split: str) -> Path:
@@ -385,16 +385,16 @@ def save(ev: Evaluation, out: Path) -> list[str]:
     or how to get the PNGs where matplotlib is missing. Raises ConfigError (one line) where
     the folder cannot be written."""
     from fastft.report import write_json_atomic
-    plt = _pyplot()
+    new_figure = _figure_maker()
     written = ["eval.json"]
     try:
         out.mkdir(parents=True, exist_ok=True)
         earlier, header = _remove_earlier(out)
-        if plt is not None:
-            plot_confusion(plt, ev, out / "confusion.png")
+        if new_figure is not None:
+            plot_confusion(new_figure, ev, out / "confusion.png")
             written.append("confusion.png")
             if ev.mistakes:
-                plot_mistakes(plt, ev, out / "mistakes.png")
+                plot_mistakes(new_figure, ev, out / "mistakes.png")
                 written.append("mistakes.png")
         write_json_atomic(out / "eval.json", as_json(ev))
     except OSError as exc:
@@ -406,7 +406,7 @@ def save(ev: Evaluation, out: Path) -> list[str]:
         what = f" ({header})" if header else ""
         lines.insert(0, f"replaced the earlier results in {shown_path(out)}{what}: {', '.join(earlier)}"
                         + (f"; {', '.join(gone)} removed, not written this time" if gone else ""))
-    return lines if plt is not None else [*lines, PLOT_HINT]
+    return lines if new_figure is not None else [*lines, PLOT_HINT]
 
 
 def run(opts: EvalOptions, say=print, warn=print) -> Evaluation:
