@@ -30,19 +30,12 @@ import torchvision.transforms as T
 from torchvision.transforms.v2 import functional as TF
 
 # Runnable as `python bench/kernels.py` from the repository root: the root goes on sys.path (as
-# `python -m` would put it), and without an install of fastft the kernels/ folder is loaded
-# under its installed name, fastft_kernels (never as `kernels`: PyPI has another package so named).
+# `python -m` would put it); importing fastft first lets a bare checkout import fastft_kernels
+# (fastft/tree_imports.py).
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-try:
-    import fastft_kernels as K
-except ImportError:
-    import importlib.util
-    _spec = importlib.util.spec_from_file_location("fastft_kernels", ROOT / "kernels" / "__init__.py",
-                                                   submodule_search_locations=[str(ROOT / "kernels")])
-    K = importlib.util.module_from_spec(_spec)
-    sys.modules["fastft_kernels"] = K
-    _spec.loader.exec_module(K)
+import fastft  # noqa: E402,F401
+import fastft_kernels as K  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
