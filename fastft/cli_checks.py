@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from fastft.config import TrainConfig, batch_split_problem, device_problem, validate
+from fastft.config import TrainConfig, batch_split_problem, device_problem, paths_problem, validate
 from fastft.errors import ConfigError
 
 
@@ -40,7 +40,7 @@ def check_train(given: dict) -> None:
     processes torchrun started. Raises ConfigError (one line)."""
     cfg = TrainConfig(**given)
     validate(cfg)
-    problem = batch_split_problem(cfg.batch_size, world_size())
+    problem = paths_problem(cfg) or batch_split_problem(cfg.batch_size, world_size())
     _require(problem is None, problem or "")
 
 

@@ -139,6 +139,12 @@ def _numbers_problem(cfg: TrainConfig) -> str | None:
     return None
 
 
+def paths_problem(cfg: TrainConfig) -> str | None:
+    """A --data folder or --weights file that does not exist (the CLI asks before torch loads;
+    a resumed run's checkpoint may make them moot, which the engine says first)."""
+    return _data_problem(cfg.data) or _weights_problem(cfg.weights)
+
+
 def _data_problem(data: str) -> str | None:
     """`--data` that is neither the hotdog set (""), synthetic nor an existing folder."""
     if not data or data == SYNTHETIC or Path(data).expanduser().exists():
@@ -183,8 +189,7 @@ def validate(cfg: TrainConfig) -> None:
          f"--loss-reduction must be one of {LOSS_REDUCTIONS}, got {cfg.loss_reduction!r}"),
     ]
     problems = [_numbers_problem(cfg)] + [message for ok, message in checks if not ok]
-    problems += [strategy_problem(cfg.strategy), device_problem(cfg.device), _weights_problem(cfg.weights),
-                 _data_problem(cfg.data)]
+    problems += [strategy_problem(cfg.strategy), device_problem(cfg.device)]
     for message in problems:
         if message:
             raise ConfigError(message)

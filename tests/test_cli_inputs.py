@@ -45,6 +45,7 @@ EARLY = [
     (["train", "--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["train", "--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
     (["train", "--data", "synthtic"], "did you mean synthetic?"),
+    (["train", "--weights", "imagenett"], "imagenett: no such weights file (--weights takes imagenet, none or a PATH); did you mean imagenet?"),
     (["train", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'; did you mean cuda?"),
     (["train", "--strategy", "partial:5"], "K counts the residual stages frozen after the stem, 0..4"),
     (["bench", "--strategies", "finetune,frozn"], "did you mean frozen?"),
@@ -350,3 +351,9 @@ def test_hotdog_without_a_hotdog_class_suggests_what_to_do():
         "the dataset has ['cat', 'dog']: use --strategy finetune (the same training, its head Xavier-initialised)")
     assert "rename 'Hot_Dog' to 'hotdog', or use --strategy finetune" in hotdog_class_problem(
         ["Hot_Dog", "not-hotdog"])
+
+
+def test_a_bench_variant_that_failed_exits_3_as_data_check_does(monkeypatch):
+    from fastft import bench
+    monkeypatch.setattr(bench, "bench_main", lambda spec, json_path, plot_path: 1)  # a row with an error
+    assert main(["bench", "--strategies", "frozen"]) == 3
