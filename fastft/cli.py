@@ -28,9 +28,9 @@ from fastft.config import TrainConfig
 from fastft.errors import FastftError
 
 S = argparse.SUPPRESS  # options the user did not type stay out of the namespace
-IMPORTED_AT = time.perf_counter()
+IMPORTED_AT = time.perf_counter()  # a job's origin where /proc cannot say when the process started
 EXIT_ERROR = 2     # one line said what to fix
-EXIT_PROBLEMS = 3  # the report lists problems (data check, bench)  # a job's origin where /proc cannot say when the process started
+EXIT_PROBLEMS = 3  # the report lists problems (data check, bench)
 
 
 def add_train_parser(sub) -> None:
@@ -69,8 +69,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--save-every", type=int, help="epochs between checkpoints, written in the background; "
                    f"the last epoch is always saved (default: {d.save_every})")
-    p.add_argument("--seed", type=int, help=f"seeds the head's init, the shuffling and the augmentation; the "
-                   f"same seed and settings repeat a run on one machine (default: {d.seed})")
+    p.add_argument("--seed", type=int, help=f"seeds the head's init, the shuffling and the augmentation "
+                   f"(default: {d.seed})")
     p.add_argument("--workers", type=int, help="DataLoader processes, or DALI CPU threads "
                    "(default on CUDA: cores / processes per machine - 1, at most 16; 0 on CPU)")
     p.add_argument("--uint8-batches", action=argparse.BooleanOptionalAction,
@@ -108,7 +108,8 @@ def add_data_parser(sub) -> None:
     synth.add_argument("--seed", type=int, default=0, help="the same seed and sizes write byte-identical files")
     download = data.add_parser("download", help="fetch the chapter's hotdog.zip (sha1-checked)")
     download.add_argument("dir", type=Path, nargs="?", default=None)
-    check = data.add_parser("check", help="decode every image and report problems")
+    check = data.add_parser("check", help="report every folder problem and bad image in one pass "
+                            "(exit status 3 when there are any)")
     check.add_argument("dir", type=Path)
 
 

@@ -58,7 +58,7 @@ def check_lines(layout: DatasetLayout, problems: list[str], paths: list[Path], r
     lines.extend(f"BAD {line}" for line in problems)
     lines.extend(f"BAD {_shown(path)}: {reason}" for path, reason in bad)
     files = (f"{_plural(len(bad), 'bad file')} out of {len(paths)} images" if bad else
-             f"all {len(paths)} images decode")
+             f"all {len(paths)} images decode" if paths else "no images found")
     lines.append(f"{_plural(len(problems), 'folder problem')}; {files}" if problems else
                  files if bad else f"ok: {files}")
     return lines
