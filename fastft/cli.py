@@ -4,7 +4,15 @@
     fastft train --strategy frozen --out runs/frozen    # the chapter's hotdog set
     fastft train --out runs/frozen --resume --epochs 8  # continue a run
 
-Every error a user can fix is printed as one line, with exit status 2.
+Exit status, the same for every command (README, "Exit codes"):
+    0    done
+    2    an error stated in one line: an option, an input file or folder, a checkpoint, a
+         missing package (argparse's own usage errors exit 2 too)
+    3    the command ran to its end and its report lists problems: `data check` found bad files
+         or folders, `bench` had a variant fail
+    130  interrupted (Ctrl-C)
+    141  stdout was closed early (`| head`)
+    1    an unexpected error, with Python's traceback: a fastft bug, please report it
 """
 
 from __future__ import annotations
@@ -15,11 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from fastft import __version__
 from fastft.config import TrainConfig
 from fastft.errors import FastftError
 
 S = argparse.SUPPRESS  # options the user did not type stay out of the namespace
 IMPORTED_AT = time.perf_counter()  # a job's origin where /proc cannot say when the process started
+EXIT_ERROR = 2     # one line said what to fix
+EXIT_PROBLEMS = 3  # the report lists problems (data check, bench)
 
 
 def add_train_parser(sub) -> None:
@@ -32,11 +43,13 @@ def add_train_parser(sub) -> None:
     p.add_argument("--synth-test", type=int, help=f"images in its test split (default: {d.synth_test})")
     p.add_argument("--strategy", help=f"finetune|frozen|probe|hotdog|scratch|partial:K; probe = frozen without "
                    f"augmentation, the head trained on features kept from epoch 1 (default: {d.strategy})")
-    p.add_argument("--epochs", type=int, help=f"(default: {d.epochs})")
+    p.add_argument("--epochs", type=int, help=f"passes over the train split; with --resume, the total to "
+                   f"reach (default: {d.epochs})")
     p.add_argument("--batch-size", type=int, help=f"global batch, all processes (default: {d.batch_size})")
     p.add_argument("--lr", type=float, help=f"step per summed-loss gradient (default: {d.lr})")
     p.add_argument("--head-lr-mult", type=float, help=f"x lr for the new head (default: {d.head_lr_mult})")
-    p.add_argument("--weight-decay", type=float, help=f"(default: {d.weight_decay})")
+    p.add_argument("--weight-decay", type=float, help=f"L2 coefficient added to every gradient, as SGD's "
+                   f"weight_decay; not scaled by the batch (default: {d.weight_decay})")
     p.add_argument("--momentum", type=float, help=f"SGD momentum (default: {d.momentum}, as the chapter)")
     p.add_argument("--loss-reduction", choices=["sum", "mean"], help="sum over the batch, as the chapter "
                    "(default), or mean, which needs lr x batch and weight decay / batch for the same step")
@@ -56,7 +69,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--save-every", type=int, help="epochs between checkpoints, written in the background; "
                    f"the last epoch is always saved (default: {d.save_every})")
-    p.add_argument("--seed", type=int, help=f"(default: {d.seed})")
+    p.add_argument("--seed", type=int, help=f"seeds the head's init, the shuffling and the augmentation "
+                   f"(default: {d.seed})")
     p.add_argument("--workers", type=int, help="DataLoader processes, or DALI CPU threads "
                    "(default on CUDA: cores / processes per machine - 1, at most 16; 0 on CPU)")
     p.add_argument("--uint8-batches", action=argparse.BooleanOptionalAction,
@@ -86,14 +100,16 @@ def add_train_parser(sub) -> None:
 
 def add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="make, fetch or check a dataset").add_subparsers(dest="data_cmd", required=True)
-    synth = data.add_parser("synth", help="write the synthetic hotdog-like JPEG dataset")
-    synth.add_argument("dir", type=Path)
-    synth.add_argument("--train", type=int, default=2000, help="train images")
-    synth.add_argument("--test", type=int, default=800, help="test images")
-    synth.add_argument("--seed", type=int, default=0)
+    synth = data.add_parser("synth", help="write the synthetic hotdog-like JPEG dataset",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    synth.add_argument("dir", type=Path, help="folder to write (must not exist, or be empty)")
+    d = TrainConfig()
+    add_synth_sizes(synth, d.synth_train, d.synth_test, "synth_train", "synth_test", ("--train", "--test"))
+    synth.add_argument("--seed", type=int, default=0, help="the same seed and sizes write byte-identical files")
     download = data.add_parser("download", help="fetch the chapter's hotdog.zip (sha1-checked)")
     download.add_argument("dir", type=Path, nargs="?", default=None)
-    check = data.add_parser("check", help="decode every image and report problems")
+    check = data.add_parser("check", help="report every folder problem and bad image in one pass "
+                            "(exit status 3 when there are any)")
     check.add_argument("dir", type=Path)
 
 
@@ -104,8 +120,12 @@ def add_predict_parser(sub) -> None:
     source.add_argument("--model", type=Path, help="a .onnx (run by ONNX Runtime) or .pt2 file from "
                         "`fastft export`, with its PATH.json sidecar, or a .safetensors file such as a "
                         "run's model.safetensors")
-    p.add_argument("--device", default="cpu", help="cpu|cuda (default: cpu)")
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto = cuda where "
+                   "available)")
+    p.add_argument("--top-k", type=int, default=1, help="the K most probable classes per image, most probable "
+                   "first (default: 1)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (their images, sorted) or "
+                   "quoted globs such as 'shots/*.jpg'; one output line per image")
 
 
 def add_export_parser(sub) -> None:
@@ -141,7 +161,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--top", type=int, default=16, help="most confident mistakes to list and draw (default: 16)")
     p.add_argument("--loader", choices=["torch", "dali", "cached"], default="torch",
                    help="the backend whose test pipeline reads the split (default: torch)")
-    p.add_argument("--device", default="cpu", help="cpu|cuda|cuda:N (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N (default: auto = cuda where available)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--out", type=Path, help="folder for eval.json and the PNGs; an earlier eval's files there "
                    "are replaced, other files left alone (default: RUN_DIR/eval-SPLIT)")
@@ -153,8 +173,8 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="examples/sec per strategy, fastft against the d2l-style reference")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: %(default)s)")
     p.add_argument("--data", default=d.data, help="synthetic or an ImageFolder DIR (default: %(default)s)")
-    p.add_argument("--train-images", type=int, default=d.train_images, help="synthetic train split (default: 256)")
-    p.add_argument("--test-images", type=int, default=d.test_images, help="synthetic test split (default: 64)")
+    add_synth_sizes(p, d.train_images, d.test_images, "train_images", "test_images",
+                    ("--train-images", "--test-images"))
     p.add_argument("--image-size", type=int, default=d.image_size, help="px (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="the first is warm-up (default: %(default)s)")
@@ -174,6 +194,17 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--verbose", action="store_true", help="show the engine's own lines")
 
 
+def add_synth_sizes(p, train: int, test: int, train_dest: str, test_dest: str, old: tuple[str, str]) -> None:
+    """--synth-train/--synth-test, one name in train, bench and data synth; the command's older
+    names (`old`) still work, hidden from --help, so scripts that use them keep running."""
+    p.add_argument("--synth-train", dest=train_dest, type=int, default=train, metavar="N",
+                   help="images in the synthetic train split (default: %(default)s)")
+    p.add_argument("--synth-test", dest=test_dest, type=int, default=test, metavar="N",
+                   help="images in the synthetic test split (default: %(default)s)")
+    p.add_argument(old[0], dest=train_dest, type=int, default=S, help=S)
+    p.add_argument(old[1], dest=test_dest, type=int, default=S, help=S)
+
+
 def add_plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="overlay runs' train loss, train acc and test acc in one PNG",
                        description="One panel per metric, one line per run, labelled by its strategy. Each "
@@ -184,7 +215,10 @@ def add_plot_parser(sub) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastft", description="Fine-tune ResNet-18 fast (d2l.ai 13.2).")
+    p = argparse.ArgumentParser(prog="fastft", description="Fine-tune ResNet-18 fast (d2l.ai 13.2).",
+                                epilog="exit status: 0 done, 2 an error in one line, 3 a report that lists "
+                                       "problems (data check, bench), 130 interrupted, 1 a fastft bug")
+    p.add_argument("--version", action="version", version=f"fastft {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
     add_data_parser(sub)
@@ -196,12 +230,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class EarlyError(FastftError):
+    """A mistake found from the arguments alone, before torch loads: the same in every process
+    torchrun started, so only rank 0 prints it."""
+
+
+def check_early(args: argparse.Namespace) -> None:
+    """The command's options that need no heavy import (cli_checks); raises EarlyError."""
+    from fastft import cli_checks
+    checks = {"train": lambda: cli_checks.check_train(_given(args)), "bench": lambda: cli_checks.check_bench(args),
+              "eval": lambda: cli_checks.check_eval(args), "predict": lambda: cli_checks.check_predict(args),
+              "data": lambda: cli_checks.check_synth(args) if args.data_cmd == "synth" else None}
+    try:
+        checks.get(args.command, lambda: None)()
+    except FastftError as exc:
+        raise EarlyError(exc.one_line()) from exc
+
+
+def _given(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k != "command"}
+
+
 def run_train(args: argparse.Namespace) -> int:
     from fastft.phases import process_start
     job_start = process_start(fallback=IMPORTED_AT)  # summary.json's job_s counts from here
     from fastft.engine import train
 
-    given = {k: v for k, v in vars(args).items() if k != "command"}
+    given = _given(args)
     train(TrainConfig(**given), typed=frozenset(given), job_start=job_start)
     return 0
 
@@ -209,8 +264,8 @@ def run_train(args: argparse.Namespace) -> int:
 def run_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "synth":
         from fastft.data.synth import write_synthetic
-        root = write_synthetic(args.dir, n_train=args.train, n_test=args.test, seed=args.seed)
-        print(f"wrote {args.train} train and {args.test} test images to {root}")
+        root = write_synthetic(args.dir, n_train=args.synth_train, n_test=args.synth_test, seed=args.seed)
+        print(f"wrote {args.synth_train} train and {args.synth_test} test images to {root}")
         return 0
     if args.data_cmd == "download":
         from fastft.config import default_cache_dir
@@ -220,18 +275,18 @@ def run_data(args: argparse.Namespace) -> int:
     from fastft.data.layout import check_report
     lines, ok = check_report(args.dir)
     print("\n".join(lines))
-    return 0 if ok else 1
+    return 0 if ok else EXIT_PROBLEMS
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from fastft.predict import predict, predict_exported
+    from fastft.data.inputs import image_files
+    from fastft.data.images import shown_path
 
-    if args.model is not None:
-        results = predict_exported(args.model, args.images, args.device)
-    else:
-        results = predict(args.checkpoint, args.images, args.device)
-    for path, label, prob in results:
-        print(f"{path}: {label} {prob:.3f}")
+    images = image_files(args.images)  # folders and globs listed before torch loads
+    from fastft.predict import predict_top_k
+    results = predict_top_k(images, args.top_k, args.device, checkpoint=args.checkpoint, model=args.model)
+    for path, ranked in results:  # one line per image, whatever its name (shown_path: no newline)
+        print(f"{shown_path(path)}: " + ", ".join(f"{shown_path(label)} {prob:.3f}" for label, prob in ranked))
     return 0
 
 
@@ -261,14 +316,17 @@ def run_bench(args: argparse.Namespace) -> int:
 
     values = {k: v for k, v in vars(args).items() if k not in ("command", "json", "plot", "verbose")}
     values["strategies"] = tuple(s for s in values["strategies"].split(",") if s)
-    return bench_main(BenchSpec(**values, quiet=not args.verbose), args.json, args.plot)
+    failed = bench_main(BenchSpec(**values, quiet=not args.verbose), args.json, args.plot)
+    return EXIT_PROBLEMS if failed else 0
 
 
 def run_plot(args: argparse.Namespace) -> int:
     from fastft.curves import plot_runs, run_labels
 
+    replaced = args.out.exists()
     path = plot_runs(args.runs, args.out)
-    print(f"wrote {path}: {', '.join(run_labels(args.runs))}")
+    print(f"wrote {path}{' (replaced the file that was there)' if replaced else ''}: "
+          f"{', '.join(run_labels(args.runs))}")
     return 0
 
 
@@ -294,6 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": run_train, "data": run_data, "predict": run_predict, "bench": run_bench,
                 "plot": run_plot, "eval": run_eval, "export": run_export}
     try:
+        check_early(args)
+    except EarlyError as exc:
+        from fastft.cli_checks import print_on_this_rank
+        if print_on_this_rank():  # every torchrun process found the same: one line, from rank 0
+            print(f"fastft: error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
         status = commands[args.command](args)
         sys.stdout.flush()  # a reader that went away (`| head`) is met here, not in the exit's flush
         if argv is None and args.command == "train":  # the program itself, not a caller's main([...])
@@ -314,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except FastftError as exc:
         print(f"fastft: error: {_rank_prefix()}{exc.one_line()}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("fastft: interrupted; the last saved checkpoint is intact", file=sys.stderr)
         return 130

@@ -8,7 +8,10 @@ The defaults reproduce d2l.ai chapter 13.2 ("Fine-Tuning"). `resolve` turns the
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,11 @@ LOSS_REDUCTIONS = ("sum", "mean")
 DECODE_CACHES = ("auto", "on", "off")
 OPTIMIZERS = ("sgd", "apex-sgd")
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
+# strategy.REGISTRY's names (a test keeps the two equal), here so that a typo is caught before torch loads.
+STRATEGY_NAMES = ("finetune", "frozen", "probe", "hotdog", "scratch")
+PARTIAL_STAGES = 4  # partial:K freezes the stem and the first K of ResNet-18's 4 residual stages (4 = frozen)
+DEVICE_FORM = re.compile(r"(auto|cpu|cuda(:[0-9]+)?)")
+SYNTHETIC = "synthetic"  # --data's name for the generated set (fastft.data.SYNTHETIC)
 
 
 def default_cache_dir() -> Path:
@@ -83,17 +91,91 @@ class TrainConfig:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def did_you_mean(value: str, choices: list[str] | tuple[str, ...]) -> str:
+    """"; did you mean X?" for the choice closest to a mistyped `value` (difflib's ratio >= 0.6,
+    letter case ignored), else ""."""
+    lowered = {choice.lower(): choice for choice in choices}
+    near = difflib.get_close_matches(value.lower(), list(lowered), n=1)
+    return f"; did you mean {lowered[near[0]]}?" if near else ""
+
+
+def strategy_problem(spec: str) -> str | None:
+    """Why `spec` names no strategy (finetune ... scratch, or partial:K with K = 0..4), else None."""
+    name, _, k = spec.partition(":")
+    if spec in STRATEGY_NAMES or (name == "partial" and k.isdigit() and int(k) <= PARTIAL_STAGES):
+        return None
+    choices = ", ".join([*STRATEGY_NAMES, f"partial:K (K = 0..{PARTIAL_STAGES})"])
+    hint = (f"; K counts the residual stages frozen after the stem, 0..{PARTIAL_STAGES}"
+            if name == "partial" else did_you_mean(spec, [*STRATEGY_NAMES, "partial:1"]))
+    return f"unknown strategy {spec!r}; choose one of {choices}{hint}"
+
+
+def device_problem(device: str, flag: str = "--device") -> str | None:
+    """Why `device` is not auto|cpu|cuda|cuda:N, else None (whether CUDA exists is runtime's to say)."""
+    if DEVICE_FORM.fullmatch(device):
+        return None
+    hint = "; did you mean cuda?" if device.lower() in ("gpu", "nvidia") else did_you_mean(device, ["auto", "cpu", "cuda"])
+    return f"{flag} must be auto, cpu, cuda or cuda:N, got {device!r}{hint}"
+
+
+def batch_split_problem(batch_size: int, world_size: int) -> str | None:
+    """Why a global `batch_size` cannot be split evenly over `world_size` processes, naming the
+    nearest sizes that can (multiples of world_size), else None."""
+    if world_size <= 1 or batch_size % world_size == 0:
+        return None
+    below = batch_size - batch_size % world_size
+    sizes = [size for size in (below, below + world_size) if size >= 1]
+    return (f"--batch-size {batch_size} does not divide over {world_size} processes (it is the global batch, "
+            f"split evenly); use --batch-size {' or '.join(map(str, sizes))}")
+
+
+def _numbers_problem(cfg: TrainConfig) -> str | None:
+    """A float option typed as nan or inf, which no check below would catch."""
+    for flag, value in (("--lr", cfg.lr), ("--head-lr-mult", cfg.head_lr_mult), ("--weight-decay", cfg.weight_decay),
+                        ("--momentum", cfg.momentum), ("--cache-gb", cfg.cache_gb),
+                        ("--dist-timeout", cfg.dist_timeout_s)):
+        if not math.isfinite(value):
+            return f"{flag} must be a finite number, got {value}"
+    return None
+
+
+def paths_problem(cfg: TrainConfig) -> str | None:
+    """A --data folder or --weights file that does not exist (the CLI asks before torch loads;
+    a resumed run's checkpoint may make them moot, which the engine says first)."""
+    return _data_problem(cfg.data) or _weights_problem(cfg.weights)
+
+
+def _data_problem(data: str) -> str | None:
+    """`--data` that is neither the hotdog set (""), synthetic nor an existing folder."""
+    if not data or data == SYNTHETIC or Path(data).expanduser().exists():
+        return None
+    return (f"--data {data}: no such folder (expected DIR/train/CLASS/*.jpg and DIR/test/CLASS/*.jpg, "
+            f"'{SYNTHETIC}', or no --data for the hotdog set){did_you_mean(data, [SYNTHETIC])}")
+
+
+def _weights_problem(weights: str) -> str | None:
+    if weights in ("", "imagenet", "none") or Path(weights).exists():
+        return None
+    hint = did_you_mean(weights, ["imagenet", "none"])
+    return f"{weights}: no such weights file (--weights takes imagenet, none or a PATH){hint}"
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Reject settings that can only fail later, with one line that says why."""
+    """Reject settings that can only fail later, with one line that says why. Needs no torch, so
+    the CLI runs it before the heavy imports (a typo is answered in a fraction of a second)."""
     checks = [
         (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.save_every >= 1, f"--save-every must be at least 1 epoch, got {cfg.save_every}"),
-        (cfg.image_size >= 32, f"--image-size must be at least 32 px, got {cfg.image_size}"),
+        (cfg.image_size >= 32, f"--image-size must be at least 32 px (ResNet-18 halves it 5 times), "
+                               f"got {cfg.image_size}"),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (cfg.head_lr_mult > 0, f"--head-lr-mult must be positive, got {cfg.head_lr_mult}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
         (0 <= cfg.momentum < 1, f"--momentum must be in [0, 1), got {cfg.momentum}"),
+        (cfg.workers >= -1, f"--workers must be 0 or more, got {cfg.workers}"),
+        (min(cfg.synth_train, cfg.synth_test) >= 2, f"--synth-train and --synth-test must be at least 2 "
+                                                    f"(a class needs an image), got {cfg.synth_train}/{cfg.synth_test}"),
         (cfg.loader in LOADERS, f"--loader must be one of {LOADERS}, got {cfg.loader!r}"),
         (cfg.amp in AMP_MODES, f"--amp must be one of {AMP_MODES}, got {cfg.amp!r}"),
         (cfg.decode_cache in DECODE_CACHES, f"--decode-cache must be one of {DECODE_CACHES}, got {cfg.decode_cache!r}"),
@@ -106,9 +188,21 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.loss_reduction in LOSS_REDUCTIONS,
          f"--loss-reduction must be one of {LOSS_REDUCTIONS}, got {cfg.loss_reduction!r}"),
     ]
-    for ok, message in checks:
-        if not ok:
+    problems = [_numbers_problem(cfg)] + [message for ok, message in checks if not ok]
+    problems += [strategy_problem(cfg.strategy), device_problem(cfg.device)]
+    for message in problems:
+        if message:
             raise ConfigError(message)
+
+
+def oversized_batch_line(batch_size: int, n_train: int, world_size: int = 1) -> str | None:
+    """The log's line for a global batch larger than the train split (e.g. 128 on 60 images):
+    every epoch is then one step over all of them, each process taking its share. None otherwise."""
+    if batch_size <= n_train:
+        return None
+    share = "" if world_size <= 1 else f", each of the {world_size} processes taking its share"
+    return (f"--batch-size {batch_size} is larger than the train split's {n_train} images: each epoch is one "
+            f"step (one update) over all {n_train}{share}")
 
 
 def eval_resize_px(image_size: int) -> int:

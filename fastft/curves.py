@@ -126,7 +126,7 @@ def overlay_figure(runs: list[tuple[str, list[dict]]]):
     lines that cannot be told apart."""
     figure = new_figure(OVERLAY_SIZE_IN)
     axes = figure.subplots(1, len(METRICS), sharex=True)
-    axes[2].sharey(axes[1])  # train and test accuracy on one scale (shared before plotting: autoscaled to both)
+    axes[2].sharey(axes[1])  # train and test accuracy on one scale
     for ax, (key, name) in zip(axes, METRICS):
         for label, records in runs:
             ax.plot(column(records, "epoch"), column(records, key), label=label, marker=".")
@@ -135,6 +135,7 @@ def overlay_figure(runs: list[tuple[str, list[dict]]]):
         ax.xaxis.get_major_locator().set_params(integer=True, min_n_ticks=1)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylim(bottom=0)
+    axes[1].set_ylim(0, 1.05)  # accuracies on a run's curves.png scale (run_figure), so figures compare
     axes[0].legend(fontsize=8)
     figure.tight_layout()
     return figure

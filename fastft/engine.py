@@ -28,7 +28,7 @@ from torch import nn
 from fastft import __version__, distributed
 from fastft.checkpoint import CheckpointWriter, checkpoint_path, load_checkpoint, restore_rng, rng_state
 from fastft.compile_cache import compile_key, mark_warm, settle_compile
-from fastft.config import TrainConfig, validate
+from fastft.config import TrainConfig, oversized_batch_line, validate
 from fastft.data import build_loaders, resolve_data_dir
 from fastft.data.layout import check_classes, scan_dataset
 from fastft.errors import CheckpointError, ConfigError
@@ -37,7 +37,7 @@ from fastft.forward import Forward, compile_fallbacks
 from fastft.model import build_resnet18, load_matching, source_weights
 from fastft.optim import build_optimizer
 from fastft.phases import PhaseClock
-from fastft.report import Reporter
+from fastft.report import Reporter, precision_line
 from fastft.resources import compiled_graphs, peak_memory, reset_peak_memory
 from fastft.rundir import adopt_saved_config, choose_run_dir
 from fastft.runtime import cudnn_benchmark, pick_device, resolve_runtime
@@ -138,6 +138,7 @@ class Trainer:
         self.rt, self.compile_reason = settle_compile(self.cfg, self.rt, len(self.layout.files["train"]),
                                                       len(self.layout.files["test"]))
         self.reporter.say(self.compile_reason)
+        self.reporter.say(precision_line(self.cfg.amp, self.rt.amp_name, self.rt.device.type))
         self.data = build_loaders(self.cfg, self.layout, self.rt)
         self.phases.data_ready(self.scan_s + time.perf_counter() - started, getattr(self.data, "decode_s", 0.0))
         self.reporter.say(
@@ -145,6 +146,9 @@ class Trainer:
             f"classes {list(self.data.classes)}, loader {self.data.name}")
         for line in self.data.describe():
             self.reporter.say(line)
+        oversized = oversized_batch_line(self.cfg.batch_size, self.data.train_size, self.rt.world_size)
+        if oversized:
+            self.reporter.warn(oversized)
 
     def _setup_model(self, saved: dict | None) -> None:
         model = build_resnet18(len(self.layout.classes))

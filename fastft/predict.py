@@ -249,6 +249,14 @@ def classify(images: list[Path], logits: Logits, classes: list[str], image_size:
     """(image, predicted class, its probability) for each image, one at a time, in order.
     Raises ModelRunError (one line, naming `source`, the model) when the model fails on an image
     or gives other than one logit per class."""
+    for path, ranked in classify_top_k(images, logits, classes, image_size, source, 1):
+        yield path, *ranked[0]
+
+
+def classify_top_k(images: list[Path], logits: Logits, classes: list[str], image_size: int, source: Path,
+                   k: int) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
+    """(image, [(class, probability)] of its min(k, classes) most probable classes, most probable
+    first; ties in class order) for each image, one at a time, in order. Errors as `classify`."""
     transform = eval_transform(image_size)
     for path in images:
         x = transform(load_rgb(path)).unsqueeze(0)
@@ -260,8 +268,9 @@ def classify(images: list[Path], logits: Logits, classes: list[str], image_size:
             raise ModelRunError(f"{source}: gives logits of shape {tuple(out.shape)} for one image, "
                                 f"expected (1, {len(classes)}) for its {len(classes)} classes")
         probs = torch.softmax(out, dim=1)[0]
-        best = int(probs.argmax())
-        yield path, classes[best], float(probs[best])
+        # A stable sort: equal probabilities keep class order, as argmax picks the first.
+        order = sorted(range(len(classes)), key=lambda i: -float(probs[i]))[:k]
+        yield path, [(classes[i], float(probs[i])) for i in order]
 
 
 def predict(checkpoint: Path, images: list[Path], device: str = "cpu") -> Iterator[tuple[Path, str, float]]:
@@ -273,9 +282,23 @@ def predict(checkpoint: Path, images: list[Path], device: str = "cpu") -> Iterat
     Raises DataError (a bad image) and CheckpointError (a bad checkpoint), one line each.
     """
     check_images(images)
+    yield from classify(images, *checkpoint_classifier(checkpoint, device))
+
+
+def checkpoint_classifier(checkpoint: Path, device: str = "cpu") -> tuple[Logits, list[str], int, Path]:
+    """A run's model as (logits, classes, image size in px, the source to name in errors)."""
     model, state = trained_model(checkpoint)
-    logits = _torch_logits(model, device)
-    yield from classify(images, logits, list(state["classes"]), int(state["config"]["image_size"]), checkpoint)
+    return _torch_logits(model, device), list(state["classes"]), int(state["config"]["image_size"]), checkpoint
+
+
+def predict_top_k(images: list[Path], k: int, device: str = "cpu", checkpoint: Path | None = None,
+                  model: Path | None = None) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
+    """`fastft predict`: each image's k most probable classes (classify_top_k) from a run's
+    `checkpoint` or an exported `model` file (one of the two). Errors as predict and
+    predict_exported; every image is checked before the model loads."""
+    check_images(images)
+    source = checkpoint_classifier(checkpoint, device) if model is None else exported_classifier(model, device)
+    yield from classify_top_k(images, *source, k)
 
 
 def predict_exported(model_path: Path, images: list[Path], device: str = "cpu"
@@ -285,15 +308,22 @@ def predict_exported(model_path: Path, images: list[Path], device: str = "cpu"
     classes and preprocessing). Raises DataError, CheckpointError (another suffix, model or
     sidecar), WeightsError (a bad safetensors file), ModelRunError (the model fails on an image)
     and ConfigError (onnxruntime or safetensors missing), one line each."""
-    fmt = model_format(model_path)
+    model_format(model_path)
     check_images(images)
+    yield from classify(images, *exported_classifier(model_path, device))
+
+
+def exported_classifier(model_path: Path, device: str = "cpu") -> tuple[Logits, list[str], int, Path]:
+    """An exported .onnx/.pt2 (its sidecar checked against the model's shapes) or a run's
+    model.safetensors, as (logits, classes, image size in px, the source to name in errors)."""
+    fmt = model_format(model_path)
     if fmt == "safetensors":
         loaded, card = _safetensors_model(model_path, device)
     else:
         card = read_sidecar(model_path)
         loaded = load_exported(model_path, fmt, device)
         check_fits(model_path, fmt, card, loaded)
-    yield from classify(images, loaded.run, card["classes"], int(card["image_size"]), model_path)
+    return loaded.run, card["classes"], int(card["image_size"]), model_path
 
 
 def _safetensors_model(model_path: Path, device: str) -> tuple[Loaded, dict]:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from fastft.curves import MatplotlibMissing, write_run_curves
+from fastft.curves import CURVES_NAME, MatplotlibMissing, write_run_curves
 from fastft.phases import phases_line
 from fastft.tensorboard_log import TB_DIR, TensorBoardLog
 
@@ -35,6 +36,21 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def precision_line(requested: str, resolved: str, device_type: str) -> str:
+    """The log's line for the AMP dtype the run computes in: `requested` is --amp (auto|bf16|fp16|
+    off), `resolved` Runtime.amp_name (bf16|fp16|off), `device_type` cpu or cuda."""
+    what = {"bf16": "bf16 autocast, weights and optimizer in fp32",
+            "fp16": "fp16 autocast with loss scaling (GradScaler), weights and optimizer in fp32",
+            "off": "off, fp32 throughout"}[resolved]
+    if requested != "auto":
+        return f"amp: {what} (--amp {requested})"
+    where = "this GPU" if device_type == "cuda" else "this CPU"
+    why = (f"{where} has fast bf16" if resolved == "bf16" else
+           f"{where} has no fast bf16 (no AVX512-BF16 or AMX), where bf16 runs slower than fp32"
+           if device_type == "cpu" else f"{where} has no bf16; --amp fp16 uses loss scaling")
+    return f"amp: {what} (--amp auto: {why})"
 
 
 def _parse(line: str) -> dict | None:
@@ -53,6 +69,9 @@ class Reporter:
         self.enabled = enabled
         self.metrics_path = run_dir / "metrics.jsonl"
         self.tensorboard = TensorBoardLog(run_dir / TB_DIR) if enabled and tensorboard else None
+        if self.tensorboard is not None:
+            self.say(f"tensorboard: per-epoch scalars to {self.tensorboard.log_dir}; view them with "
+                     f"`tensorboard --logdir {shlex.quote(os.fspath(run_dir.parent))}`")
         self.config: dict = {}  # the run's config.json, once written: title, epochs, lrs
         self.curves = True  # False once matplotlib was found missing (said once)
         self.undrawn = False  # epochs logged since curves.png was last drawn
@@ -110,7 +129,7 @@ class Reporter:
             write_run_curves(self.run_dir, title, int(self.config.get("epochs", 0)))
         except MatplotlibMissing as exc:
             self.curves = False
-            self.warn(f"no {self.run_dir.name}/curves.png: {exc.one_line()}")
+            self.warn(f"no {self.run_dir / CURVES_NAME}: {exc.one_line()}")
         self.drawn_at = time.perf_counter()
         self.draw_s, self.undrawn = self.drawn_at - start, False
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fastft.config import strategy_problem
 from fastft.errors import ConfigError, WeightsError
 
 # ResNet-18's backbone in forward order; "stem" is conv1 + bn1 (relu/maxpool hold no state).
@@ -92,10 +93,21 @@ class Strategy:
         return None
 
 
+def hotdog_class_problem(class_names: list[str]) -> str:
+    """The one line for --strategy hotdog on a dataset without a class folder named exactly
+    `hotdog`: the folder to rename where one is close, and the strategy that needs no such class."""
+    # Only a spelling of the same words (Hot_Dog, hot dog, hotdogs), never a near name like not-hotdog.
+    near = [name for name in class_names if "".join(filter(str.isalnum, name.lower())) in ("hotdog", "hotdogs")]
+    rename = f"rename {near[0]!r} to 'hotdog', or " if near else ""
+    return (f"--strategy hotdog seeds the head's 'hotdog' row from ImageNet's hotdog class, so it needs a class named "
+            f"'hotdog' (a class folder of that name); the dataset has {class_names}: {rename}use --strategy "
+            f"finetune (the same training, its head Xavier-initialised)")
+
+
 def seed_head_from_imagenet_hotdog(head: nn.Linear, source: dict | None, class_names: list[str]) -> None:
     """The `hotdog` row takes ImageNet's hotdog row; every other row the mean of the other 999."""
     if "hotdog" not in class_names:
-        raise ConfigError(f"--strategy hotdog needs a class named 'hotdog'; the dataset has {class_names}")
+        raise ConfigError(hotdog_class_problem(class_names))
     weight = None if source is None else source.get(f"{HEAD}.weight")
     bias = None if source is None else source.get(f"{HEAD}.bias")
     if weight is None or bias is None or weight.shape != (IMAGENET_CLASSES, head.in_features):
@@ -132,5 +144,4 @@ def get_strategy(spec: str) -> Strategy:
     name, _, k = spec.partition(":")
     if name == "partial" and k.isdigit() and 0 <= int(k) <= len(STAGES) - 1:
         return Strategy(spec, frozen_stages=1 + int(k))
-    choices = ", ".join([*REGISTRY, f"partial:K (K = 0..{len(STAGES) - 1})"])
-    raise ConfigError(f"unknown strategy {spec!r}; choose one of {choices}")
+    raise ConfigError(strategy_problem(spec))

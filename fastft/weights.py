@@ -28,7 +28,7 @@ from fastft.errors import WeightsError
 
 MODEL_FILE = "model.safetensors"
 ARCH = "resnet18"
-INSTALL_HINT = "pip install safetensors"
+INSTALL_HINT = "pip install safetensors (or pip install 'fastft[safetensors]')"
 # The input every fastft model expects, in words, for the metadata and export sidecars.
 INPUT_LAYOUT = "NCHW float32 RGB: pixels scaled to 0..1, then (x - mean) / std per channel"
 # Metadata values stored as JSON (the others are plain strings).

@@ -201,7 +201,7 @@ def test_data_synth_then_check(tmp_path, capsys):
 
 def test_data_check_lists_bad_files_and_fails(data_copy, capsys):
     truncate(first_jpeg(data_copy))
-    assert main(["data", "check", str(data_copy)]) == 1
+    assert main(["data", "check", str(data_copy)]) == 3  # the report lists problems (README, "Exit codes")
     assert f"BAD {first_jpeg(data_copy)}" in capsys.readouterr().out
 
 

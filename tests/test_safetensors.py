@@ -80,7 +80,7 @@ def test_without_safetensors_a_run_completes_and_says_so_once(eight_images, imag
     assert main(train_args(eight_images, str(imagenet_like), run)) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "safetensors" in line]
     assert warnings == [f"warning: no {MODEL_FILE} written: writing {MODEL_FILE} needs the safetensors "
-                        f"package: pip install safetensors"]
+                        f"package: pip install safetensors (or pip install 'fastft[safetensors]')"]
     assert load_checkpoint(run)["epoch"] == 1 and not (run / MODEL_FILE).exists()
     assert not list(run.glob("*.tmp"))
 

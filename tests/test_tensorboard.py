@@ -76,8 +76,9 @@ def test_without_tensorboard_the_run_stops_before_any_data_work(tmp_path, monkey
     for name in TENSORBOARD_MODULES:
         monkeypatch.setitem(sys.modules, name, None)  # `import` of these now raises ImportError
     run = tmp_path / "run"
-    # A missing --data folder would be the first error of any data work.
-    assert main(["train", "--data", str(tmp_path / "no-such-data"), "--device", "cpu", "--out", str(run),
+    # An empty --data folder would be the first error of any data work ("missing split folder").
+    (tmp_path / "empty-data").mkdir()
+    assert main(["train", "--data", str(tmp_path / "empty-data"), "--device", "cpu", "--out", str(run),
                  "--tensorboard"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tensorboard needs the tensorboard package" in err

@@ -72,8 +72,8 @@ def test_one_class_is_a_one_line_error_for_training_and_data_check(tmp_path, mak
     with pytest.raises(DataError) as caught:
         Trainer(make_cfg(data=str(root))).setup()
     assert str(caught.value) == expected and not (tmp_path / "run").exists()
-    assert main(["data", "check", str(root)]) == 2
-    assert capsys.readouterr().err.strip() == f"fastft: error: {expected}"
+    assert main(["data", "check", str(root)]) == 3  # listed with any other problem (README, "Exit codes")
+    assert f"BAD {expected}" in capsys.readouterr().out.splitlines()
 
 
 def test_split_folders_in_the_wrong_case_get_a_hint(tmp_path):
@@ -147,7 +147,9 @@ def test_predict_checks_every_image_before_printing_any(tmp_path, capsys):
     Image.new("RGB", (32, 32), (200, 10, 10)).save(good)
     assert main(["predict", "--checkpoint", str(run), str(good), str(files["dir"])]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and err.strip() == f"fastft: error: {files['dir']}: is a directory, not an image file"
+    # A folder is read for its images (issue 19): this one has none.
+    assert out == "" and err.strip() == (f"fastft: error: {files['dir']}: no images (expected files ending in "
+                                         f".jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)")
     assert main(["predict", "--checkpoint", str(run), str(good), str(files["empty"]), str(tmp_path / "no.png")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.strip() == f"fastft: error: {files['empty']}: empty file (and 1 more of the 3 images)"

@@ -354,10 +354,17 @@ def test_check_report_lists_every_bad_file(dataset: Path) -> None:
     assert lines[-1] == "2 bad files out of 12 images"
 
 
-def test_check_report_structure_errors_raise(dataset: Path) -> None:
+def test_check_report_lists_structure_problems_and_still_decodes(dataset: Path) -> None:
     (dataset / "train" / "zebra").mkdir()
-    with pytest.raises(DataError, match="zebra: no images"):
-        check_report(dataset)
+    truncate(dataset / "train" / "hotdog" / "0.jpg")
+    lines, ok = check_report(dataset)
+    assert not ok
+    assert [line for line in lines if line.startswith("BAD ")] == [
+        f"BAD {dataset}/train/zebra: no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})",
+        f"BAD {dataset}/train/hotdog/0.jpg: " + decode_problem(dataset / "train" / "hotdog" / "0.jpg")]
+    assert lines[-1] == "1 folder problem; 1 bad file out of 12 images"
+    with pytest.raises(DataError, match="nope: dataset folder not found"):  # nothing to check at all
+        check_report(dataset / "nope")
 
 
 def test_scan_and_check_never_write_into_dataset(dataset: Path) -> None:

@@ -101,8 +101,10 @@ def build_loaders(cfg: TrainConfig, layout, rt):
     """The backend for `--loader` on runtime `rt` (device, AMP dtype, layout, workers, rank);
     `auto` is cached where the decoded set fits its budget (image headers decide, before any
     decode), else DALI whenever it imports, else torch."""
-    if cfg.batch_size % rt.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} does not divide over {rt.world_size} processes")
+    from fastft.config import batch_split_problem
+    split_problem = batch_split_problem(cfg.batch_size, rt.world_size)  # the CLI says it before torch loads
+    if split_problem:
+        raise ConfigError(split_problem)
     batch_per_rank = cfg.batch_size // rt.world_size
     check_train_split(len(layout.files["train"]), rt.world_size)
     if cfg.loader == "dali" and not dali_available():

@@ -172,14 +172,15 @@ def _class_files(class_dir: str, ignored: list[Path], skipped: list[str],
     return files
 
 
-def _scan_splits(root: Path, ignored: list[Path], skipped: list[str]) -> dict[str, dict[str, list[Path]]]:
-    """Image files per class folder of each split, in class order; a list may be empty."""
-    names = {split: _class_names(root / split, ignored) for split in SPLITS}
-    folders = {split: {name: os.path.join(root / split, name) for name in names[split]} for split in SPLITS}
+def _scan_splits(root: Path, names: dict[str, list[str]], ignored: list[Path],
+                 skipped: list[str]) -> dict[str, dict[str, list[Path]]]:
+    """Image files per class folder (`names`: a split's class folders) of each split present in
+    `names`, in class order; a list may be empty."""
+    folders = {split: {name: os.path.join(root / split, name) for name in found} for split, found in names.items()}
     class_roots = {os.path.realpath(folder): f"{split}/{name}"
-                   for split in SPLITS for name, folder in folders[split].items()}
+                   for split, per_class in folders.items() for name, folder in per_class.items()}
     return {split: {name: _class_files(folder, ignored, skipped, class_roots)
-                    for name, folder in folders[split].items()} for split in SPLITS}
+                    for name, folder in per_class.items()} for split, per_class in folders.items()}
 
 
 def _no_images(folder: Path, why: str = "") -> DataError:
@@ -211,33 +212,76 @@ def _case_hint(root: Path, split: str) -> str:
     return f"; found {_shown(near[0])}/: rename it to {split}/" if near else ""
 
 
-def _scan_structure(root: Path) -> DatasetLayout:
-    """The layout under `root`, or a DataError for the first structural problem."""
-    _check_dir(root, "dataset folder not found")
+def _case_twins(split_dir: Path, names: list[str]) -> list[str]:
+    """A warning line for each set of class folders whose names differ only in letter case
+    (Dog/, dog/). They stay separate classes, as ImageFolder keeps them; see README, "Inputs"."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.casefold(), []).append(name)
+    return [f"{_shown(split_dir)}: class folders {' and '.join(map(_shown, group))} differ only in letter case; "
+            f"they are {len(group)} separate classes here (on macOS and Windows they would be one folder): "
+            f"merge them if they hold one class" for group in groups.values() if len(group) > 1]
+
+
+def _unknown_test_class(root: Path, name: str, classes: tuple[str, ...]) -> str:
+    twin = [c for c in classes if c.casefold() == name.casefold()]
+    hint = f"; train has {_shown(twin[0])}, which differs only in letter case: rename one" if twin else ""
+    return (f"{_shown(root / 'test' / name)}: test class {name!r} has no folder in {_shown(root / 'train')}, "
+            f"so the model could never predict it (train classes: {', '.join(classes)}){hint}")
+
+
+def _split_names(root: Path, ignored: list[Path], problems: list[str]) -> dict[str, list[str]]:
+    """Each split's class folder names, for the splits that have any; a problem line for each other."""
     expected = f"expected {_shown(root / SPLITS[0])} and {_shown(root / SPLITS[1])}"
-    ignored, skipped = [], []
+    names = {}
     for split in SPLITS:
-        _check_dir(root / split, f"missing split folder ({expected}{_case_hint(root, split)})")
-    scanned = _scan_splits(root, ignored, skipped)
-    train, test = scanned["train"], scanned["test"]
-    for name, paths in train.items():
-        if not paths:  # the head would have a class it never trains on
-            raise _no_images(root / "train" / name)
-    classes = tuple(train)
-    extra = [name for name in test if name not in train]
-    if extra:
-        raise DataError(f"{_shown(root / 'test' / extra[0])}: test class {extra[0]!r} has no folder in "
-                        f"{_shown(root / 'train')}, so the model could never predict it "
-                        f"(train classes: {', '.join(classes)})")
-    if not any(test.values()):
-        raise _no_images(root / "test", " in any class folder")
-    missing, lines = _test_gaps(root, classes, test)
+        try:
+            _check_dir(root / split, f"missing split folder ({expected}{_case_hint(root, split)})")
+            names[split] = _class_names(root / split, ignored)
+        except DataError as err:
+            problems.append(str(err))
+    return names
+
+
+def _structure(root: Path) -> tuple[DatasetLayout, list[str]]:
+    """The layout under `root` and a line for every structural problem found (an empty list: the
+    layout is sound). With problems the layout holds what could be read, for `data check` to
+    decode: classes are then train's (test's where train is missing) plus unknown test classes.
+    Raises DataError only when `root` itself is not a readable folder."""
+    _check_dir(root, "dataset folder not found")
+    ignored, skipped, problems = [], [], []
+    names = _split_names(root, ignored, problems)
+    scanned = _scan_splits(root, names, ignored, skipped)
+    train, test = scanned.get("train"), scanned.get("test", {})
+    warnings = [line for split, found in names.items() for line in _case_twins(root / split, found)]
+    # An empty train class: the head would have a class it never trains on.
+    problems += [str(_no_images(root / "train" / name)) for name, paths in (train or {}).items() if not paths]
+    classes = tuple(train if train is not None else test)
+    extra = tuple(name for name in test if name not in classes)
+    problems += [_unknown_test_class(root, name, classes) for name in extra]
+    if test and not any(test.values()):
+        problems.append(str(_no_images(root / "test", " in any class folder")))
+    missing, lines = _test_gaps(root, classes, test) if "test" in scanned and train is not None else ([], [])
     # Labels index the train classes by name, so a class keeps its label when test lacks another.
-    label = {name: i for i, name in enumerate(classes)}
-    files = {split: tuple((path, label[name]) for name, paths in per_class.items() for path in paths)
-             for split, per_class in scanned.items()}
-    return DatasetLayout(root=root, classes=classes, files=files, missing_in_test=tuple(missing),
-                         warnings=tuple(skipped + lines), ignored=tuple(ignored))
+    label = {name: i for i, name in enumerate(classes + extra)}
+    files = {split: tuple((path, label[name]) for name, paths in scanned.get(split, {}).items() for path in paths)
+             for split in SPLITS}
+    layout = DatasetLayout(root=root, classes=classes + extra if problems else classes, files=files,
+                           missing_in_test=tuple(missing), warnings=tuple(warnings + skipped + lines),
+                           ignored=tuple(ignored))
+    return layout, problems
+
+
+def _scan_structure(root: Path) -> DatasetLayout:
+    """The layout under `root`, or a DataError naming the first structural problem (and how many more)."""
+    layout, problems = _structure(root)
+    if problems:
+        more = ""
+        if len(problems) > 1:
+            command = f"fastft data check {shlex.quote(os.fspath(root))}"
+            more = f" (and {_plural(len(problems) - 1, 'more folder problem')}; run `{command}` to list them)"
+        raise DataError(problems[0] + more)
+    return layout
 
 
 def check_classes(layout: DatasetLayout) -> None:
@@ -337,60 +381,20 @@ def _inspect(path: Path) -> tuple[str | None, str | None]:
     return problem, (image_note(path) if problem is None else None)
 
 
-def _listed(root: Path, paths: list[Path], limit: int = 5) -> str:
-    """The first `limit` paths, relative to `root`, and how many more."""
-    shown = ", ".join(_shown(os.path.relpath(p, root)) for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
-
-
-def _conversion_lines(root: Path, notes: list[tuple[Path, str]]) -> list[str]:
-    """One line per kind of unusual image (how load_rgb converts it), with how many and which."""
-    kinds: dict[str, list[Path]] = {}
-    for path, note in notes:
-        kinds.setdefault(note, []).append(path)
-    return [f"unusual {_plural(len(paths), 'image')} ({note}): {_listed(root, paths)}"
-            for note, paths in kinds.items()]
-
-
-def _ignored_lines(layout: DatasetLayout) -> list[str]:
-    """One line per reason the scan passed over entries: hidden, outside any class folder
-    (directly in train/ or test/), or not an image by its extension."""
-    splits = {layout.root / split for split in SPLITS}
-    kinds: dict[str, list[Path]] = {}
-    for path in layout.ignored:
-        if _is_hidden(path.name):
-            why = "hidden"
-        elif path.parent in splits:
-            why = "outside any class folder"
-        else:
-            why = f"not {'/'.join(IMAGE_EXTENSIONS)}"
-        kinds.setdefault(why, []).append(path)
-    return [f"ignored {_plural(len(paths), 'entry', 'entries')} ({why}): {_listed(layout.root, paths)}"
-            for why, paths in kinds.items()]
-
-
 def check_report(root: Path) -> tuple[list[str], bool]:
-    """Lines for `fastft data check DIR` after decoding every file, and whether
-    all decode: images per class and split, classes a split lacks, entries the
-    scan ignored, images load_rgb converts (16-bit, CMYK, alpha, EXIF-rotated...),
-    and every bad file.  Structural problems still raise DataError."""
-    layout = _scan_structure(Path(root).expanduser())
-    check_classes(layout)
+    """Lines for `fastft data check DIR`, and whether the dataset is sound, in one pass: every
+    folder problem (a missing split, an empty train class, a test class train lacks, a single
+    class...), then every file decoded: images per class and split, classes a split lacks, entries
+    the scan ignored, images load_rgb converts (16-bit, CMYK, alpha, EXIF-rotated...) and every
+    bad file. Raises DataError (one line) only when DIR itself is missing or unreadable."""
+    from fastft.data.check_lines import check_lines  # it formats layouts: imported here, no cycle
+    layout, problems = _structure(Path(root).expanduser())
+    if not problems:
+        try:
+            check_classes(layout)
+        except DataError as err:
+            problems.append(str(err))
     paths = _all_paths(layout)
     results = _each_file(_inspect, paths, decoding=True, progress=True)
-    bad = [(path, problem) for path, (problem, _) in zip(paths, results) if problem is not None]
-    classes = _plural(len(layout.classes), "class", "classes")
-    lines = [f"{_shown(layout.root)}: {classes} ({', '.join(layout.classes)})"]
-    for split in SPLITS:
-        counts = layout.counts(split)
-        per_class = ", ".join(f"{name} {n}" for name, n in counts.items())
-        lines.append(f"{split}: {_plural(sum(counts.values()), 'image')} ({per_class})")
-    lines.extend(f"warning: {line}" for line in layout.warnings)
-    lines.extend(_ignored_lines(layout))
-    lines.extend(_conversion_lines(layout.root, [(p, n) for p, (_, n) in zip(paths, results) if n]))
-    lines.extend(f"BAD {_shown(path)}: {reason}" for path, reason in bad)
-    if bad:
-        lines.append(f"{_plural(len(bad), 'bad file')} out of {len(paths)} images")
-    else:
-        lines.append(f"ok: all {len(paths)} images decode")
-    return lines, not bad
+    lines = check_lines(layout, problems, paths, results)
+    return lines, not problems and all(problem is None for problem, _ in results)
