@@ -13,6 +13,10 @@ perf_counter on CPU); reported as median and min-max images/s over the timed ite
 GB/s counts bytes read (each crop's source pixels, once) plus bytes written (the output), next to
 a plain device copy (clone of a uint8 buffer) measured in the same run.
 On CPU the Triton kernel is not timed: Triton's interpreter is far too slow for a speed figure.
+On CUDA the fast torch reference is not timed: it is the CPU path (uint8 antialiased interpolate),
+and torch's CUDA antialias kernel takes float input only ("not implemented for 'Byte'").
+Every method is timed on its own: one that raises becomes a row with its error and the others are
+still timed; --json is rewritten after every row, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -144,58 +148,122 @@ def row(method: str, seconds: list[float], args, nbytes: int, note: str = "") ->
             "gb_per_s": nbytes / statistics.median(seconds) / 1e9, "note": note}
 
 
-def methods(sources, packed, index, boxes, flip, args) -> dict:
-    """name -> (callable, note); the kernel only on CUDA."""
+# Methods that run on one device type only, and why (printed and saved as notes).
+DEVICE_ONLY = {"kernel": ("cuda", "not timed on CPU (Triton interpreter)"),
+               "reference": ("cpu", "not timed on CUDA (the CPU path: torch's CUDA antialias takes no uint8)")}
+ORDER = ("kernel", "reference", "exact", "torchvision", "dali")  # the kernel first: its figure matters most
+
+
+def planned(device: str, skip: str) -> tuple[list[str], list[str]]:
+    """(methods to time on `device`, in ORDER; notes for those left out by device or --skip)."""
+    skipped = {s for s in skip.split(",") if s}
+    names, notes = [], []
+    for name in ORDER:
+        only = DEVICE_ONLY.get(name)
+        if only and only[0] != device:
+            notes.append(f"{name}: {only[1]}")
+        elif name in skipped:
+            notes.append(f"{name}: skipped (--skip)")
+        else:
+            names.append(name)
+    return names, notes
+
+
+def methods(sources, packed, index, boxes, flip, args) -> tuple[dict, list[str]]:
+    """(name -> maker, notes) for the methods `planned` keeps for --device and --skip; a maker
+    returns (callable or None, note) and is called where its row is timed, so that one failing to
+    build (DALI's pipeline) fails its own row."""
     dtype = DTYPES[args.dtype]
     dev = args.device
     index_d, boxes_d, flip_d = index.to(dev), boxes.to(dev), flip.to(dev)
     common = (packed, index_d, boxes_d, flip_d, args.size, MEAN, STD, dtype)
     dev_sources = [s.to(dev) for s in sources]
-    table = {}
-    if dev == "cuda":
-        table["kernel"] = (lambda: K.resized_crop_normalize_triton(*common), "Triton, one launch per batch")
-    table["reference"] = (lambda: K.resized_crop_normalize_reference(*common, fast=True),
-                          "torch uint8 antialiased interpolate per sample (CPU path)")
-    table["exact"] = (lambda: K.resized_crop_normalize_reference(*common, fast=False),
-                      "torch float32 interpolate per sample (the kernel's test reference)")
-    table["torchvision"] = (lambda: torchvision_loop(dev_sources, index, boxes, flip, args.size, dtype),
-                            "v2.functional per image on uint8, then stack")
-    runner, note = dali_runner(sources, args)
-    table["dali"] = (runner, note)
-    skip = {s for s in args.skip.split(",") if s}
-    return {k: v for k, v in table.items() if k not in skip}
+    makers = {
+        "kernel": lambda: ((lambda: K.resized_crop_normalize_triton(*common)), "Triton, one launch per batch"),
+        "reference": lambda: ((lambda: K.resized_crop_normalize_reference(*common, fast=True)),
+                              "torch uint8 antialiased interpolate per sample (CPU path)"),
+        "exact": lambda: ((lambda: K.resized_crop_normalize_reference(*common, fast=False)),
+                          "torch float32 interpolate per sample (the kernel's test reference)"),
+        "torchvision": lambda: ((lambda: torchvision_loop(dev_sources, index, boxes, flip, args.size, dtype)),
+                                "v2.functional per image on uint8, then stack"),
+        "dali": lambda: dali_runner(sources, args),
+    }
+    names, notes = planned(dev, args.skip)
+    return {name: makers[name] for name in names}, notes
+
+
+def error_row(method: str, exc: BaseException) -> dict:
+    first_line = (str(exc).splitlines() or [""])[0]
+    return {"method": method, "error": f"{type(exc).__name__}: {first_line}"[:300]}
+
+
+def time_each(table: dict, args, nbytes: int, notes: list[str], save) -> list[dict]:
+    """A row per method of `table` (name -> maker, see `methods`), each built and timed on its own:
+    an exception becomes that row's error and the next is timed; a maker's None is a note. save(rows)
+    after every method, so a run killed mid-way keeps the rows before."""
+    rows = []
+    for name, make in table.items():
+        try:
+            fn, note = make()
+            if fn is None:
+                notes.append(f"{name}: skipped, {note}")
+            else:
+                rows.append(row(name, timed(fn, args), args, nbytes, note))
+        except Exception as exc:  # noqa: BLE001 - a bench row: report it and time the next
+            rows.append(error_row(name, exc))
+        save(rows)
+    return rows
+
+
+def print_rows(header: str, rows: list[dict], copy, nbytes: int, notes: list[str]) -> None:
+    print(header)
+    for r in rows:
+        if "images_per_s" in r:
+            print(f"  {r['method']:<12} {r['images_per_s']:>10.0f} img/s ({r['min']:.0f}-{r['max']:.0f})"
+                  f"  {r['gb_per_s']:7.2f} GB/s  {r['note']}")
+        else:
+            print(f"  {r['method']:<12} FAILED: {r['error']}")
+    if copy is not None:
+        print(f"  {'device copy':<12} {copy:>10.2f} GB/s (clone of a {nbytes} B buffer, read + write)")
+    for n in notes:
+        print("  " + n)
 
 
 def main(argv=None) -> int:
+    """Exit 0 when every planned method was timed, 1 when one failed (its row says why)."""
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     sources, packed, index, boxes, flip = make_inputs(args)
-    out_bytes = args.batch * 3 * args.size ** 2 * DTYPES[args.dtype].itemsize
-    in_bytes = int((boxes[:, 2] * boxes[:, 3]).sum()) * 3
-    rows, notes = [], []
-    for name, (fn, note) in methods(sources, packed, index, boxes, flip, args).items():
-        if fn is None:
-            notes.append(f"{name}: skipped, {note}")
-            continue
-        rows.append(row(name, timed(fn, args), args, in_bytes + out_bytes, note))
-    copy = copy_rate(in_bytes + out_bytes, args)
+    nbytes = args.batch * 3 * args.size ** 2 * DTYPES[args.dtype].itemsize  # written
+    nbytes += int((boxes[:, 2] * boxes[:, 3]).sum()) * 3                    # read
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} torch threads"
-    print(f"{name}: {args.size} px, batch {args.batch}, {args.dtype}, {args.sources} sources ~500x375, "
-          f"{args.iters} timed iterations after {args.warmup} warm-up; median (min-max)")
-    for r in rows:
-        print(f"  {r['method']:<12} {r['images_per_s']:>10.0f} img/s ({r['min']:.0f}-{r['max']:.0f})"
-              f"  {r['gb_per_s']:7.2f} GB/s  {r['note']}")
-    print(f"  {'device copy':<12} {copy:>10.2f} GB/s (clone of a {in_bytes + out_bytes} B buffer, read + write)")
-    for n in notes + ([] if args.device == "cuda" else ["kernel: not timed on CPU (Triton interpreter)"]):
-        print("  " + n)
-    if args.json:
-        result = {"device": name, "args": vars(args), "bytes_per_batch": in_bytes + out_bytes,
-                  "copy_gb_per_s": copy, "rows": rows, "notes": notes}
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
+    table, notes = methods(sources, packed, index, boxes, flip, args)
+    result = {"device": name, "args": vars(args), "bytes_per_batch": nbytes, "copy_gb_per_s": None,
+              "rows": [], "notes": notes}
+
+    def save(rows: list[dict]) -> None:
+        result["rows"] = rows
+        if args.json:
+            write_json(result, Path(args.json))
+    rows = time_each(table, args, nbytes, notes, save)
+    try:
+        result["copy_gb_per_s"] = copy_rate(nbytes, args)
+    except Exception as exc:  # noqa: BLE001 - the rows above stand without it
+        notes.append(f"device copy: failed, {error_row('copy', exc)['error']}")
+    save(rows)
+    print_rows(f"{name}: {args.size} px, batch {args.batch}, {args.dtype}, {args.sources} sources ~500x375, "
+               f"{args.iters} timed iterations after {args.warmup} warm-up; median (min-max)",
+               rows, result["copy_gb_per_s"], nbytes, notes)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def write_json(result: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)  # a run killed mid-write keeps the previous complete file
 
 
 if __name__ == "__main__":

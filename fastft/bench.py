@@ -143,14 +143,21 @@ def ready_step(trainer):
 
 
 def fixed_batch(trainer, seed: int = 0):
-    """A random (x, y) in the step's shape, layout and device: the data path taken out of the step."""
+    """A random (x, y) as the loader feeds the step: the data path taken out of the step.
+
+    x takes the shape, dtype, strides and device of the loader's first train batch (one is drawn:
+    bf16 under --amp bf16 from the cached and DALI loaders and the torch loader's uint8 batches,
+    fp32 from its fp32 ones; channels_last where used), y its shape and device. A compiled step
+    guards on all of these, so an fp32 batch where the loader feeds bf16 compiles a second, cold
+    graph and times it. The loader handles a pass left unfinished (DALI drains it).
+    """
     import torch
-    cfg, rt = trainer.cfg, trainer.rt
+    x_real, y_real = trainer.data.to_device(*next(iter(trainer.data.train_batches(0))))
     gen = torch.Generator().manual_seed(seed)
-    n = cfg.batch_size // rt.world_size
-    x = torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=gen)
-    y = torch.randint(0, len(trainer.data.classes), (n,), generator=gen)
-    return x.to(rt.device, memory_format=rt.memory_format), y.to(rt.device)
+    x = torch.empty_strided(x_real.shape, x_real.stride(), dtype=x_real.dtype, device=x_real.device)
+    x.copy_(torch.randn(x_real.shape, generator=gen))
+    y = torch.randint(0, len(trainer.data.classes), y_real.shape, generator=gen)
+    return x, y.to(y_real.device)
 
 
 def seconds_per_step(step, x, y, steps: int, warmup: int = 1) -> float:

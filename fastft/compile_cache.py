@@ -111,7 +111,14 @@ class CompileCost:
 #   steady compiled/eager img/s in adjacent runs 1.56/1.54 at 224 px, 3.22/4.41 and 2.02/2.58 at
 #   64 px: no gain (speedup taken as 1.0); compile_s cold 238 s / warm 4.3 s at 224 px, cold 220 s /
 #   warm 6.0-9.7 s at 64 px, plus ~50 s cold for the eval graph. The eager step share is the unloaded bare-step ceiling, 7.2 img/s at 224 px.
-# cuda: an estimate for ResNet-18 on an H100, not yet measured.
+# cuda: guesses for ResNet-18 on an H100, not measurements (no GPU has been lent yet): 0.25 ms a
+#   224-px training image eager (4,000 img/s, a round figure), 1.3x from compiling, 40 s cold and 5 s
+#   warm (the CPU row's cold/warm ratio with Triton's parallel kernel builds). For the chapter's job
+#   (5 epochs of 2,000 images at batch 128) they give "~0.7 s saved <= ~40 s cold", so auto stays
+#   eager there. To replace them: bench/gpu_check.sh runs that job compiled cold, compiled warm and
+#   eager (job_cold, job_warm, job_eager), and bench/gpu_report.py prints the measured row as
+#   "choose_compile's cuda row from these: CompileCost(eager_ms_per_image=..., speedup=..., cold_s=...,
+#   warm_s=...)", beside the cold and warm compile s and the eager and compiled ms per step.
 COMPILE_COSTS = {
     "cpu": CompileCost(eager_ms_per_image=140.0, speedup=1.0, cold_s=270.0, warm_s=10.0,
                        source="measured, no gain on a CPU"),
