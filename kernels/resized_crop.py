@@ -165,8 +165,8 @@ def _resample_exact(image: torch.Tensor, box: list[float], size: int) -> torch.T
         crop = image[t:t + h, l:l + w].permute(2, 0, 1)[None].float()
         out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return out[0].permute(1, 2, 0)
-    yi, yw = axis_taps(top, height, size)
-    xi, xw = axis_taps(left, width, size)
+    # The taps are built on the host; the weights must sit with the pixels (a CUDA image too).
+    yi, yw, xi, xw = (t.to(image.device) for t in (*axis_taps(top, height, size), *axis_taps(left, width, size)))
     first = int(yi[:, 0].min())
     rows = image[first:int(yi.max()) + 1].float()  # only the rows some tap reads
     tmp = (rows[:, xi] * xw[None, :, :, None]).sum(dim=2)  # (rows, S, 3)
