@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,16 @@ from torch.utils.data import DistributedSampler
 from fastft.cli import main
 from fastft.config import TrainConfig, validate
 from fastft.data import build_loaders
+from fastft.data import cached_loader
 from fastft.data.cached_loader import CachedLoaders, capped, plan_cache
 from fastft.data.crops import draw_boxes
+from fastft.data.decoders import jpeg_batch_decoder, torchcodec_decoders
 from fastft.data.images import decode_problem, load_rgb
 from fastft.data.layout import scan_dataset
 from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fastft.errors import ConfigError, DataError
 from fastft.runtime import Runtime
+from jpeg_codings import lossless_jpeg
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -107,9 +111,21 @@ def test_every_test_image_counted_once_and_the_same_global_batches_at_any_world_
             assert rows(torch.cat([p[s * per: (s + 1) * per] for p in plans])) == expected, (world, s)
 
 
-def test_the_batched_jpeg_path_and_its_cpu_fallbacks(tiny_data, tmp_path, monkeypatch):
-    """The CUDA branch's logic (batched decode_jpeg, PNG and CMYK to load_rgb, the device-side eval
-    transform), driven on the CPU through torchvision's CPU decode_jpeg: the same pixels as PIL."""
+def _torchvision_deprecates_its_decoders() -> bool:
+    import torchvision
+    return tuple(int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2]) >= (0, 29)
+
+
+@pytest.mark.parametrize("backend", ["torchcodec", "torchvision"])
+def test_the_batched_jpeg_path_and_its_cpu_fallbacks(tiny_data, tmp_path, monkeypatch, backend):
+    """The CUDA branch's logic (batched decode_jpeg, PNG, CMYK and lossless JPEG to load_rgb, the
+    device-side eval transform), driven on the CPU through each decoder's CPU decode_jpeg: the same
+    pixels as PIL. torchvision is the fallback where torchcodec is not installed (the GPU machine);
+    with torchcodec no deprecated torchvision decoder runs."""
+    if backend == "torchcodec" and torchcodec_decoders() is None:
+        pytest.skip("torchcodec is not installed (pip install 'fastft[torchcodec]')")
+    monkeypatch.setattr(cached_loader, "jpeg_batch_decoder",
+                        lambda: jpeg_batch_decoder(torchcodec=backend == "torchcodec"))
     data = Path(shutil.copytree(tiny_data, tmp_path / "copy"))
     jpegs = sorted((data / "train" / "hotdog").iterdir())
     with Image.open(jpegs[0]) as img:
@@ -117,9 +133,16 @@ def test_the_batched_jpeg_path_and_its_cpu_fallbacks(tiny_data, tmp_path, monkey
     jpegs[0].unlink()
     with Image.open(jpegs[1]) as img:
         img.convert("CMYK").save(jpegs[1], "JPEG")
+    with Image.open(jpegs[2]) as img:
+        jpegs[2].write_bytes(lossless_jpeg(np.asarray(img.convert("RGB"))))
     monkeypatch.setattr(CachedLoaders, "_nvjpeg", lambda self: True)
-    loaders = cached(data)
-    assert loaders.cpu_decoded == 2 and "34 with nvJPEG" in loaders.describe()[0]  # 22 train + 12 test
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaders = cached(data)
+    deprecated = [w for w in caught if "capabilities of TorchVision are deprecated" in str(w.message)]
+    assert bool(deprecated) == (backend == "torchvision" and _torchvision_deprecates_its_decoders())
+    assert loaders.jpeg_decoder.name == backend and loaders.cpu_decoded == 3
+    assert f"33 with nvJPEG on cpu ({backend})" in loaders.describe()[0]  # 22 train + 12 test - 1
     files = scan_dataset(data).files
     for i, (path, _) in enumerate(files["train"]):
         assert torch.equal(loaders.images.image(i), torch.from_numpy(np.array(load_rgb(path)))), path

@@ -8,12 +8,12 @@ First pass (at construction, with a progress bar on the main process):
 - this process's test images go through the chapter's eval transform
   (Resize([r, r]), CenterCrop(size), normalise) once, and the resulting tensors
   are KEPT, in the AMP dtype and channels_last: evaluation is then a slice.
-- On CUDA, baseline JPEGs in RGB or grayscale decode in batches with
-  torchvision.io.decode_jpeg(device="cuda") (nvJPEG); everything nvJPEG does not
-  take (PNG, CMYK, other formats, a batch it refuses) decodes on the CPU with
-  images.load_rgb, the decoder every loader uses, and the log says how many. On
-  a CPU, load_rgb (PIL) runs in a thread pool, and the test transform is
-  exactly the torch loader's (PIL resize).
+- On CUDA, 8-bit Huffman-coded RGB or grey JPEGs decode in batches with nvJPEG
+  (decoders.jpeg_batch_decoder: torchcodec's decode_jpeg, else torchvision's);
+  everything else (PNG, CMYK, lossless, other formats, a file nvJPEG refuses)
+  decodes on the CPU with images.load_rgb, the decoder every loader uses, and the
+  log says how many. On a CPU, load_rgb (PIL) runs in a thread pool, and the test
+  transform is exactly the torch loader's (PIL resize).
 
 Later epochs: the boxes and flips of a whole epoch are drawn on the host
 (crops.draw_boxes: RandomResizedCrop's rule, per image from (seed, epoch, index))
@@ -50,13 +50,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from fastft.config import eval_resize_px
 from fastft.data.crops import draw_boxes
-from fastft.data.images import decode_problem, load_rgb, shown_path
+from fastft.data.decoders import decode_jpegs, jpeg_batch_decoder
+from fastft.data.formats import size_problem
+from fastft.data.images import decode_problem, jpeg_frame_of, load_rgb, open_image, shown_path
 from fastft.data.layout import DatasetLayout
 from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fastft.errors import ConfigError, DataError
@@ -65,6 +66,9 @@ CACHE_SHARE = 0.5        # of free device memory (CUDA) or of MemAvailable (CPU)
 MB, GB = 2 ** 20, 2 ** 30
 _GPU_BATCH = 64          # files per batched nvJPEG call
 _NVJPEG_MODES = ("RGB", "L")  # JPEG colour modes decode_jpeg(mode=RGB) converts as PIL does
+# SOF0-2, 8-bit Huffman-coded: baseline, extended and progressive, what nvJPEG decodes; lossless,
+# arithmetic-coded and hierarchical JPEGs go to load_rgb without a failed batch first.
+_NVJPEG_CODINGS = (0xC0, 0xC1, 0xC2)
 
 
 @dataclass(frozen=True)
@@ -76,14 +80,21 @@ class Header:
 
 
 def read_header(path: Path) -> Header:
-    """Image size from the header only (PIL reads no pixels). Raises DataError naming the file."""
+    """Image size from the header only (PIL reads no pixels; torchcodec, for an AVIF or HEIC
+    file Pillow does not read, decodes it). Raises DataError naming the file, for a file that
+    does not open or is over the pixel limit (formats.size_problem), as data check does."""
     try:
-        with Image.open(path) as img:
-            return Header(img.height, img.width, img.format == "JPEG" and img.mode in _NVJPEG_MODES)
+        with open_image(path) as img:
+            height, width, mode = img.height, img.width, img.mode
+        too_big = size_problem(width, height)
+        if too_big is not None:
+            raise ValueError(too_big)
+        frame = jpeg_frame_of(path)
     except Exception as exc:  # PIL raises many types on a bad header
         # The reason `fastft data check` gives for the same file, so every path says it alike.
         reason = decode_problem(path) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"{shown_path(path)}: {reason}") from exc
+    return Header(height, width, frame is not None and frame.marker in _NVJPEG_CODINGS and mode in _NVJPEG_MODES)
 
 
 def capped(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -199,6 +210,7 @@ class CachedLoaders:
         self.drop = (drop_ragged or 0 < ragged < min_batch) and shard >= batch_per_rank
         self.steps = shard // batch_per_rank if self.drop else math.ceil(shard / batch_per_rank)
         self.dtype = rt.amp_dtype or torch.float32
+        self._jpeg_decoder = None
         self._decode_all(layout, progress)
 
     # --- the first pass ---------------------------------------------------------------------
@@ -234,8 +246,16 @@ class CachedLoaders:
 
     def _nvjpeg(self) -> bool:
         """Whether JPEGs decode in batches with decode_jpeg on the device (nvJPEG on CUDA).
-        One place to ask, so a CPU test can drive this path with torchvision's CPU decoder."""
+        One place to ask, so a CPU test can drive this path with the decoders' CPU decode."""
         return self.rt.device.type == "cuda"
+
+    @property
+    def jpeg_decoder(self):
+        """decoders.jpeg_batch_decoder(): torchcodec's where it loads, else torchvision's; chosen
+        on first use, so a CPU run never imports either."""
+        if self._jpeg_decoder is None:
+            self._jpeg_decoder = jpeg_batch_decoder()
+        return self._jpeg_decoder
 
     def _decode_split(self, files, headers, store, bar) -> None:
         """Decode files[i] to uint8 (H, W, 3) on the device and hand it to store(i, image)."""
@@ -243,7 +263,8 @@ class CachedLoaders:
         gpu = [i for i, h in enumerate(headers) if on_gpu and h.nvjpeg]
         for start in range(0, len(gpu), _GPU_BATCH):
             chunk = gpu[start: start + _GPU_BATCH]
-            for i, chw in zip(chunk, _decode_jpegs([files[i][0] for i in chunk], self.rt.device)):
+            decoded = decode_jpegs([files[i][0] for i in chunk], self.rt.device, self.jpeg_decoder)
+            for i, chw in zip(chunk, decoded):
                 self.cpu_decoded += chw is None
                 store(i, chw.permute(1, 2, 0) if chw is not None else self._cpu(files[i][0]))
             bar.update(len(chunk))
@@ -334,7 +355,8 @@ class CachedLoaders:
         p, s = self.plan, self.cache_stats()
         side = f"longest side capped at {self.max_side} px" if self.max_side else "full size"
         where = (f"{len(p.train_shapes) + len(p.test_headers) - self.cpu_decoded} with nvJPEG on "
-                 f"{self.rt.device}, {self.cpu_decoded} on the CPU (PNG, CMYK, other formats, refused)"
+                 f"{self.rt.device} ({self.jpeg_decoder.name}), {self.cpu_decoded} on the CPU (PNG, "
+                 f"CMYK, lossless, other formats, refused)"
                  if self._nvjpeg() else f"PIL in {self.threads} threads")
         lines = [f"cached: decoded once in {self.decode_s:.1f} s ({where}): {self.train_size} train images "
                  f"({side}, {s['cache_train_mb']:.0f} MB) + {len(p.test_headers)} test tensors "
@@ -399,20 +421,3 @@ def _eval_on_device(hwc: torch.Tensor, size: int) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=hwc.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=hwc.device).view(3, 1, 1)
     return (resized.float() / 255 - mean) / std
-
-
-def _decode_jpegs(paths: list, device: torch.device) -> list[torch.Tensor | None]:
-    """uint8 (3, H, W) per JPEG from one batched nvJPEG call; None where nvJPEG refuses a file
-    (the batch is retried file by file to find which)."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-    encoded = [read_file(os.fspath(p)) for p in paths]
-    try:
-        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        out = []
-        for data in encoded:
-            try:
-                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                out.append(None)
-        return out
