@@ -74,9 +74,12 @@ def decode_jpegs(paths: list, device, decoder: JpegBatchDecoder) -> list:
 
 # --- formats Pillow may not read ----------------------------------------------------------------
 
-def _heif_plugin() -> bool:
-    """Register pillow-heif's Pillow opener if it is installed (once per process is enough;
-    calling again is harmless). True when Pillow then reads HEIC."""
+def _pillow_reads(kind: str) -> bool:
+    """Whether Pillow reads `kind`: AVIF with its own plugin (Pillow 11.3+ built with libavif),
+    HEIC once pillow-heif's opener is registered, which this does where pillow-heif is installed
+    (registering again is harmless)."""
+    if kind == "AVIF":
+        return features.check("avif")
     try:
         from pillow_heif import register_heif_opener
     except ImportError:
@@ -102,11 +105,9 @@ def _torchcodec_reads(kind: str) -> bool:
 def reader_of(kind: str) -> str | None:
     """Which installed decoder reads `kind` ("AVIF" or "HEIC"): "Pillow" (AVIF by its own
     plugin, HEIC through pillow-heif's, registered here), "torchcodec", or None."""
-    if kind == "AVIF" and features.check("avif"):
+    if _pillow_reads(kind):
         return "Pillow"
-    if kind == "HEIC" and _heif_plugin():
-        return "Pillow"
-    return "torchcodec" if kind in ("AVIF", "HEIC") and _torchcodec_reads(kind) else None
+    return "torchcodec" if _torchcodec_reads(kind) else None
 
 
 def torchcodec_image(path, kind: str) -> Image.Image:

@@ -176,6 +176,7 @@ def size_problem(width: int, height: int, env: Mapping[str, str] = os.environ) -
     limit, pixels = max_pixels(env), width * height
     if limit is None or pixels <= limit:
         return None
-    return (f"{width}x{height} px ({pixels / 1e6:.1f} megapixels) is over fastft's limit of "
-            f"{limit / 1e6:.1f} megapixels per image, a guard against decompression bombs; to read it, "
-            f"set {MAX_PIXELS_ENV}={pixels} (0 = no limit), or downscale the file")
+    size = f"{width}x{height} px" + (f" ({pixels / 1e6:.1f} megapixels)" if pixels >= 10 ** 5 else "")
+    allowed = f"{limit / 1e6:.1f} megapixels" if limit >= 10 ** 5 else f"{limit} px"
+    return (f"{size} is over fastft's limit of {allowed} per image, a guard against decompression "
+            f"bombs; to read it, set {MAX_PIXELS_ENV}={pixels} (0 = no limit), or downscale the file")
