@@ -196,6 +196,26 @@ def test_cache_max_side_caps_the_stored_images_and_the_estimate_is_exact(tiny_da
     assert x.shape == (8, 3, 32, 32) and torch.isfinite(x).all()
 
 
+def test_a_capped_jpeg_decodes_at_a_dct_scale_close_to_a_full_decode(tiny_data, tmp_path, monkeypatch):
+    """--cache-max-side far below a JPEG's size: load_rgb decodes it at 1/2, 1/4 or 1/8 scale
+    (Image.draft), twice the cap at least, before the resize to the cap, instead of decoding
+    every pixel; within a level or so of a full decode resized."""
+    data = Path(shutil.copytree(tiny_data, tmp_path / "copy"))
+    big = data / "train" / "hotdog" / "big.jpg"
+    ys, xs = np.mgrid[0:480, 0:640]
+    pixels = np.stack([xs * 255 // 639, ys * 255 // 479, (xs // 40 + ys // 40) % 2 * 200], -1).astype(np.uint8)
+    Image.fromarray(pixels).save(big, quality=95)
+    asked = {}
+    monkeypatch.setattr(cached_loader, "load_rgb", lambda path, at_least=None: asked.setdefault(
+        Path(path).name, at_least) and None or load_rgb(path, at_least))
+    small = cached(data, max_side=64)
+    assert asked["big.jpg"] == (128, 96) and load_rgb(big, (128, 96)).size == (160, 120)  # 1/4 scale
+    i = [p.name for p, _ in scan_dataset(data).files["train"]].index("big.jpg")
+    full = TF.resize(torch.from_numpy(np.array(load_rgb(big))).permute(2, 0, 1), [48, 64], antialias=True)
+    diff = (small.images.image(i).permute(2, 0, 1).int() - full.int()).abs()
+    assert diff.float().mean() < 1 and diff.max() <= 4, (diff.float().mean(), diff.max())  # measured 0.53, 3
+
+
 def test_fastft_train_loader_cached_resumes_exactly(tiny_data, imagenet_like, tmp_path):
     """Two epochs straight equal one epoch, a resume and one more, bit for bit, end to end."""
     def run(out, epochs, *extra):

@@ -4,7 +4,8 @@ and make every batch after that with one fused crop-resize-flip-normalise call.
 First pass (at construction, with a progress bar on the main process):
 - train images are decoded once into one packed uint8 buffer on the device
   (fastft_kernels.PackedImages), optionally shrunk so their longest side is at
-  most --cache-max-side px (aspect kept, antialiased);
+  most --cache-max-side px (aspect kept, antialiased; on the CPU a JPEG far
+  larger decodes at a DCT scale still twice the cap, load_rgb's at_least);
 - this process's test images go through the chapter's eval transform
   (Resize([r, r]), CenterCrop(size), normalise) once, and the resulting tensors
   are KEPT, in the AMP dtype and channels_last: evaluation is then a slice.
@@ -226,13 +227,21 @@ class CachedLoaders:
                                   device=device).permute(0, 3, 1, 2)  # channels_last
         self.cpu_decoded = 0
 
+        headers = self.plan.train_headers
+
         def store(i: int, hwc: torch.Tensor) -> None:
             h, w = shapes[i]
-            data[offsets[i]: offsets[i] + sizes[i]].view(h, w, 3).copy_(_fit(hwc, h, w, train[i][0]))
+            data[offsets[i]: offsets[i] + sizes[i]].view(h, w, 3).copy_(_fit(hwc, h, w, headers[i], train[i][0]))
+
+        def draft(i: int) -> tuple[int, int] | None:
+            """A capped JPEG decodes at a DCT scale still twice the cap, as Pillow's thumbnail
+            does (reducing_gap 2), so the antialiased resize to the cap does the rest."""
+            h, w = shapes[i]
+            return (2 * w, 2 * h) if (h, w) != (headers[i].height, headers[i].width) else None
 
         with tqdm(total=len(train) + len(test), desc="decoding once", unit="img", leave=False,
                   disable=None if progress else True, dynamic_ncols=True) as bar:
-            self._decode_split(train, self.plan.train_headers, store, bar)
+            self._decode_split(train, headers, store, bar, draft)
             self._decode_test(test, lambda i, x: self.test_x[i].copy_(x), bar)
         self.images = PackedImages(data, torch.as_tensor(offsets, device=device),
                                    torch.tensor([h for h, _ in shapes], dtype=torch.int32, device=device),
@@ -257,8 +266,9 @@ class CachedLoaders:
             self._jpeg_decoder = jpeg_batch_decoder()
         return self._jpeg_decoder
 
-    def _decode_split(self, files, headers, store, bar) -> None:
-        """Decode files[i] to uint8 (H, W, 3) on the device and hand it to store(i, image)."""
+    def _decode_split(self, files, headers, store, bar, draft=lambda i: None) -> None:
+        """Decode files[i] to uint8 (H, W, 3) on the device and hand it to store(i, image);
+        on the CPU, at load_rgb's reduced JPEG size draft(i) (width, height) where not None."""
         on_gpu = self._nvjpeg()
         gpu = [i for i, h in enumerate(headers) if on_gpu and h.nvjpeg]
         for start in range(0, len(gpu), _GPU_BATCH):
@@ -266,17 +276,17 @@ class CachedLoaders:
             decoded = decode_jpegs([files[i][0] for i in chunk], self.rt.device, self.jpeg_decoder)
             for i, chw in zip(chunk, decoded):
                 self.cpu_decoded += chw is None
-                store(i, chw.permute(1, 2, 0) if chw is not None else self._cpu(files[i][0]))
+                store(i, chw.permute(1, 2, 0) if chw is not None else self._cpu(files[i][0], draft(i)))
             bar.update(len(chunk))
         on_cpu = sorted(set(range(len(files))) - set(gpu))
         self.cpu_decoded += len(on_cpu) if on_gpu else 0  # a CPU fallback is counted on a GPU run only
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            for _ in pool.map(lambda i: store(i, self._cpu(files[i][0])), on_cpu):
+            for _ in pool.map(lambda i: store(i, self._cpu(files[i][0], draft(i))), on_cpu):
                 bar.update(1)
 
-    def _cpu(self, path: Path) -> torch.Tensor:
+    def _cpu(self, path: Path, at_least: tuple[int, int] | None = None) -> torch.Tensor:
         """load_rgb (PIL, the decoder every loader uses), as uint8 (H, W, 3) on the device."""
-        return torch.from_numpy(np.array(load_rgb(path))).to(self.rt.device)
+        return torch.from_numpy(np.array(load_rgb(path, at_least))).to(self.rt.device)
 
     def _decode_test(self, files, keep, bar) -> None:
         """keep(i, fp32 (3, S, S)): the chapter's eval transform of this process's test image i."""
@@ -402,15 +412,17 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _fit(hwc: torch.Tensor, height: int, width: int, path: Path) -> torch.Tensor:
-    """The decoded image at its planned stored size: resized (antialiased) when capped;
-    a decoded size that differs from the header's is an error naming the file."""
+def _fit(hwc: torch.Tensor, height: int, width: int, header: Header, path: Path) -> torch.Tensor:
+    """The decoded image at its planned stored size: resized (antialiased) when capped. A
+    decoded size other than the header's, or a DCT scale of it (load_rgb's at_least: ceil of
+    the side over 2, 4 or 8), is an error naming the file."""
     if tuple(hwc.shape) == (height, width, 3):
         return hwc
     from torchvision.transforms.v2.functional import resize
     h, w = hwc.shape[:2]
-    if capped(h, w, max(height, width)) != (height, width):
-        raise DataError(f"{shown_path(path)}: decodes to {h}x{w} px, its header says otherwise")
+    if (h, w) not in {(-(-header.height // s), -(-header.width // s)) for s in (1, 2, 4, 8)}:
+        raise DataError(f"{shown_path(path)}: decodes to {h}x{w} px, its header says "
+                        f"{header.height}x{header.width}")
     return resize(hwc.permute(2, 0, 1), [height, width], antialias=True).permute(1, 2, 0)
 
 
