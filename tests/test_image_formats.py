@@ -23,6 +23,7 @@ from fastft.data.layout import check_report, scan_dataset
 from fastft.data.torch_loader import TorchLoaders
 from fastft.errors import ConfigError, DataError
 from fastft.runtime import Runtime
+from heif_writer import heic_writable, write_heic
 from jpeg_codings import flat_block_jpeg, lossless_jpeg
 
 AVIF = pytest.mark.skipif(not features.check("avif"), reason="this Pillow was built without AVIF")
@@ -133,6 +134,19 @@ def fake_heic(path: Path) -> Path:
     return path
 
 
+def test_a_real_heic_saved_as_jpg_is_read_where_a_decoder_is_installed(tmp_path):
+    if not heic_writable(tmp_path) or decoders.reader_of("HEIC") is None:
+        pytest.skip("no libheif with an HEVC encoder to write one, or no installed HEIC decoder")
+    ys, xs = np.mgrid[0:48, 0:64]
+    pixels = np.stack([xs * 4, ys * 5, (xs + ys) * 2], axis=-1).astype(np.uint8)  # smooth: lossy-friendly
+    path = write_heic(tmp_path / "IMG_0001.jpg", pixels)
+    assert quick_problem(path) is None and decode_problem(path) is None and needs_dali_copy(path)
+    got = np.asarray(load_rgb(path)).astype(int)
+    assert got.shape == (48, 64, 3) and np.abs(got - pixels).mean() < 3  # lossy HEVC, 4:2:0: measured 1.1
+    assert image_note(path) == "HEIC data behind a .jpg name, read as HEIC"
+    assert (read_header(path).height, read_header(path).width) == (48, 64)
+
+
 def test_heic_without_a_decoder_names_the_format_and_the_package(tmp_path, monkeypatch):
     _no_readers(monkeypatch)
     path = fake_heic(tmp_path / "IMG_0001.jpg")
@@ -163,8 +177,9 @@ def test_avif_saved_as_jpg_is_read_by_pillow_or_torchcodec_else_named(tmp_path, 
 
 # --- every loader on one folder of them ----------------------------------------------------------
 
-def mixed_codings(root: Path) -> Path:
-    """train and test: a plain JPEG, lossless colour and grey JPEGs, a PNG and an AVIF named .jpg."""
+def mixed_codings(root: Path, heic: bool = False) -> Path:
+    """train and test: a plain JPEG, lossless colour and grey JPEGs, a PNG and an AVIF named .jpg,
+    and with `heic` a HEIC named .jpg."""
     for split in ("train", "test"):
         for k, name in enumerate(("a", "b")):
             folder = root / split / name
@@ -175,15 +190,19 @@ def mixed_codings(root: Path) -> Path:
             Image.fromarray(_gradient(seed=k + 6)).save(folder / "png.jpg", "PNG")
             if features.check("avif"):
                 Image.fromarray(_gradient(seed=k + 8)).save(folder / "phone.jpg", "AVIF")
+            if heic:
+                write_heic(folder / "iphone.jpg", _gradient(seed=k + 10))
     return root
 
 
 def test_torch_cached_and_dali_loaders_agree_on_them(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where DALI's copies go
-    layout = scan_dataset(mixed_codings(tmp_path / "d"))
+    heic = heic_writable(tmp_path) and decoders.reader_of("HEIC") is not None
+    layout = scan_dataset(mixed_codings(tmp_path / "d", heic))
     n = len(layout.files["test"])
     copied = {p.name for p in layout.dali_copies}
-    assert copied == {"lossless.jpg", "grey.jpg"} | ({"phone.jpg"} if features.check("avif") else set())
+    assert copied == {"lossless.jpg", "grey.jpg"} | ({"phone.jpg"} if features.check("avif") else set()) | (
+        {"iphone.jpg"} if heic else set())
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None, compile=False, channels_last=False, workers=1)
     torch_x = torch.cat([x for x, _ in TorchLoaders(layout, 32, 4, workers=0, seed=0).test_batches()])
     cached = CachedLoaders(layout, 32, 4, rt, seed=0, plan=plan_cache(layout, 32, rt))
