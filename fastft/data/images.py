@@ -118,7 +118,8 @@ def _content_problem(path, peek: _Peek) -> str | None:
         return "empty file"
     ext = _extension(path)
     if peek.kind is None:
-        # Named JPEG or PNG, or nothing we know: not an image. Other names: PIL's header parse.
+        # No signature we know: under a JPEG or PNG name, not an image; under another name
+        # (.tif, .bmp, ... with odd bytes) Pillow's header parse decides.
         known = ext in _JPEG_EXTS + _PNG_EXTS
         return f"not an image: starts with {peek.head[:_SHOWN_BYTES]!r}" if known else None
     if peek.kind in _FOREIGN and reader_of(peek.kind) is None:
