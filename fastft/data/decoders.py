@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, features
@@ -58,8 +59,7 @@ def decode_jpegs(paths: list, device, decoder: JpegBatchDecoder) -> list:
     (the batch is retried file by file to find which)."""
     import torch
     # bytearray: writable, so torch.frombuffer shares it without a warning.
-    encoded = [torch.frombuffer(bytearray(open(os.fspath(p), "rb").read()), dtype=torch.uint8)
-               for p in paths]
+    encoded = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
     try:
         return list(decoder.decode(encoded, device))
     except (RuntimeError, ValueError):
