@@ -17,10 +17,13 @@ setup(
         "safetensors": ["safetensors"],                    # model.safetensors, --weights *.safetensors
         "onnx": ["onnx", "onnxscript", "onnxruntime"],     # fastft export --format onnx, predict --model
         "tensorboard": ["tensorboard"],                    # fastft train --tensorboard
+        # The cached loader's batched nvJPEG decode, and AVIF/HEIC where Pillow lacks them; needs
+        # torch >= 2.11 (without it, or where it does not load, torchvision's decoders are used).
+        "torchcodec": ["torchcodec>=0.16"],
         # Tests run the DALI pipelines with CPU operators, so CI installs DALI where wheels exist,
         # and every optional package above, so the tests of what they serve run rather than skip.
         "test": ["pytest", "pytest-benchmark", "safetensors", "matplotlib", "onnx", "onnxscript",
-                 "onnxruntime", "tensorboard",
+                 "onnxruntime", "tensorboard", "torchcodec>=0.16",
                  "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["fastft=fastft.cli:main"]},

@@ -3,8 +3,8 @@
 One program makes one TILE_Y x TILE_X tile of one sample's output: grid (B, tiles down, tiles
 across), so one launch covers the batch whatever the mix of image sizes. Per output pixel it
 computes torch's antialiased bilinear taps for its row and its column (see resized_crop.py),
-loops over them with runtime bounds (any downscale works: the loop count is the tile's widest
-filter, not a compiled-in cap), reads uint8 RGB straight from the packed buffer, and writes the
+loops over them in while loops with runtime bounds (any downscale works: the loop count is the
+tile's widest filter, not a compiled-in cap), reads uint8 RGB straight from the packed buffer, and writes the
 flipped, normalised value NHWC in the output's dtype.
 
 The kernels use only triton.language builtins, never the jit functions of its standard library
@@ -74,20 +74,27 @@ def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_p
     lo_x, cx, fx, sx, nx, ix = _axis(left, crop_w, rx, size)
     taps_y = tl.reduce(sy - fy, 0, _larger)  # the tile's widest filter: the loops' runtime bound
     taps_x = tl.reduce(sx - fx, 0, _larger)
+    # while, not `for k in range(taps)`: the interpreter of triton <= 3.7 turns a tensor bound into
+    # an int with int(one-element array), which numpy >= 2.5 refuses; `k < taps` is a comparison it
+    # evaluates with bool(), which numpy allows. Compiled, both give the same PTX for sm_90 (triton
+    # 3.6 and 3.8: the same instructions, one mov reordered) and the same 64 registers.
 
     # Triangle weights, inlined (a nested jit call costs milliseconds under the interpreter):
     # w(j) = max(1 - |j - centre + 0.5| * invscale, 0) for j < stop, else 0. Columns' sum once,
     # rows' sum in the row loop; the product of both normalises at the end.
     wsum_x = tl.full([TILE_X], 0.0, tl.float32)
-    for kx in range(0, taps_x):
+    kx = 0
+    while kx < taps_x:
         jx = fx + kx
         wx = tl.maximum(1.0 - tl.abs((jx.to(tl.float32) - cx + 0.5) * ix), 0.0)
         wsum_x += tl.where(jx < sx, wx, 0.0)
+        kx += 1
     wsum_y = tl.full([TILE_Y], 0.0, tl.float32)
     acc_r = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
     acc_g = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
     acc_b = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
-    for ky in range(0, taps_y):
+    ky = 0
+    while ky < taps_y:
         jy = fy + ky
         wy = tl.maximum(1.0 - tl.abs((jy.to(tl.float32) - cy + 0.5) * iy), 0.0)
         wy = tl.where(jy < sy, wy, 0.0)
@@ -95,7 +102,8 @@ def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_p
         # Clamped into the crop and the image: unused taps (weight 0) still read a valid byte.
         row = tl.minimum(tl.maximum(lo_y + tl.minimum(jy, ny - 1), 0), height - 1)
         row_base = base + row.to(tl.int64) * width * 3
-        for kx in range(0, taps_x):
+        kx = 0
+        while kx < taps_x:
             jx = fx + kx
             wx = tl.maximum(1.0 - tl.abs((jx.to(tl.float32) - cx + 0.5) * ix), 0.0)
             w = wy[:, None] * tl.where(jx < sx, wx, 0.0)[None, :]
@@ -104,6 +112,8 @@ def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_p
             acc_r += w * tl.load(ptr + 0).to(tl.float32)
             acc_g += w * tl.load(ptr + 1).to(tl.float32)
             acc_b += w * tl.load(ptr + 2).to(tl.float32)
+            kx += 1
+        ky += 1
 
     norm = 1.0 / (wsum_y[:, None] * wsum_x[None, :])
     out = out_ptr + ((b * size + oy[:, None]).to(tl.int64) * size + ox[None, :]) * 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,16 @@ from torch.utils.data import DistributedSampler
 from fastft.cli import main
 from fastft.config import TrainConfig, validate
 from fastft.data import build_loaders
+from fastft.data import cached_loader
 from fastft.data.cached_loader import CachedLoaders, capped, plan_cache
 from fastft.data.crops import draw_boxes
+from fastft.data.decoders import jpeg_batch_decoder, torchcodec_decoders
 from fastft.data.images import decode_problem, load_rgb
 from fastft.data.layout import scan_dataset
 from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fastft.errors import ConfigError, DataError
 from fastft.runtime import Runtime
+from jpeg_codings import lossless_jpeg
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -107,9 +111,21 @@ def test_every_test_image_counted_once_and_the_same_global_batches_at_any_world_
             assert rows(torch.cat([p[s * per: (s + 1) * per] for p in plans])) == expected, (world, s)
 
 
-def test_the_batched_jpeg_path_and_its_cpu_fallbacks(tiny_data, tmp_path, monkeypatch):
-    """The CUDA branch's logic (batched decode_jpeg, PNG and CMYK to load_rgb, the device-side eval
-    transform), driven on the CPU through torchvision's CPU decode_jpeg: the same pixels as PIL."""
+def _torchvision_deprecates_its_decoders() -> bool:
+    import torchvision
+    return tuple(int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2]) >= (0, 29)
+
+
+@pytest.mark.parametrize("backend", ["torchcodec", "torchvision"])
+def test_the_batched_jpeg_path_and_its_cpu_fallbacks(tiny_data, tmp_path, monkeypatch, backend):
+    """The CUDA branch's logic (batched decode_jpeg, PNG, CMYK and lossless JPEG to load_rgb, the
+    device-side eval transform), driven on the CPU through each decoder's CPU decode_jpeg: the same
+    pixels as PIL. torchvision is the fallback where torchcodec is not installed (the GPU machine);
+    with torchcodec no deprecated torchvision decoder runs."""
+    if backend == "torchcodec" and torchcodec_decoders() is None:
+        pytest.skip("torchcodec is not installed (pip install 'fastft[torchcodec]')")
+    monkeypatch.setattr(cached_loader, "jpeg_batch_decoder",
+                        lambda: jpeg_batch_decoder(torchcodec=backend == "torchcodec"))
     data = Path(shutil.copytree(tiny_data, tmp_path / "copy"))
     jpegs = sorted((data / "train" / "hotdog").iterdir())
     with Image.open(jpegs[0]) as img:
@@ -117,9 +133,16 @@ def test_the_batched_jpeg_path_and_its_cpu_fallbacks(tiny_data, tmp_path, monkey
     jpegs[0].unlink()
     with Image.open(jpegs[1]) as img:
         img.convert("CMYK").save(jpegs[1], "JPEG")
+    with Image.open(jpegs[2]) as img:
+        jpegs[2].write_bytes(lossless_jpeg(np.asarray(img.convert("RGB"))))
     monkeypatch.setattr(CachedLoaders, "_nvjpeg", lambda self: True)
-    loaders = cached(data)
-    assert loaders.cpu_decoded == 2 and "34 with nvJPEG" in loaders.describe()[0]  # 22 train + 12 test
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaders = cached(data)
+    deprecated = [w for w in caught if "capabilities of TorchVision are deprecated" in str(w.message)]
+    assert bool(deprecated) == (backend == "torchvision" and _torchvision_deprecates_its_decoders())
+    assert loaders.jpeg_decoder.name == backend and loaders.cpu_decoded == 3
+    assert f"33 with nvJPEG on cpu ({backend})" in loaders.describe()[0]  # 22 train + 12 test - 1
     files = scan_dataset(data).files
     for i, (path, _) in enumerate(files["train"]):
         assert torch.equal(loaders.images.image(i), torch.from_numpy(np.array(load_rgb(path)))), path
@@ -171,6 +194,26 @@ def test_cache_max_side_caps_the_stored_images_and_the_estimate_is_exact(tiny_da
     assert small.cache_stats()["cache_train_mb"] < loaders.cache_stats()["cache_train_mb"]
     x, _ = next(iter(small.train_batches(0)))
     assert x.shape == (8, 3, 32, 32) and torch.isfinite(x).all()
+
+
+def test_a_capped_jpeg_decodes_at_a_dct_scale_close_to_a_full_decode(tiny_data, tmp_path, monkeypatch):
+    """--cache-max-side far below a JPEG's size: load_rgb decodes it at 1/2, 1/4 or 1/8 scale
+    (Image.draft), twice the cap at least, before the resize to the cap, instead of decoding
+    every pixel; within a level or so of a full decode resized."""
+    data = Path(shutil.copytree(tiny_data, tmp_path / "copy"))
+    big = data / "train" / "hotdog" / "big.jpg"
+    ys, xs = np.mgrid[0:480, 0:640]
+    pixels = np.stack([xs * 255 // 639, ys * 255 // 479, (xs // 40 + ys // 40) % 2 * 200], -1).astype(np.uint8)
+    Image.fromarray(pixels).save(big, quality=95)
+    asked = {}
+    monkeypatch.setattr(cached_loader, "load_rgb", lambda path, at_least=None: asked.setdefault(
+        Path(path).name, at_least) and None or load_rgb(path, at_least))
+    small = cached(data, max_side=64)
+    assert asked["big.jpg"] == (128, 96) and load_rgb(big, (128, 96)).size == (160, 120)  # 1/4 scale
+    i = [p.name for p, _ in scan_dataset(data).files["train"]].index("big.jpg")
+    full = TF.resize(torch.from_numpy(np.array(load_rgb(big))).permute(2, 0, 1), [48, 64], antialias=True)
+    diff = (small.images.image(i).permute(2, 0, 1).int() - full.int()).abs()
+    assert diff.float().mean() < 1 and diff.max() <= 4, (diff.float().mean(), diff.max())  # measured 0.53, 3
 
 
 def test_fastft_train_loader_cached_resumes_exactly(tiny_data, imagenet_like, tmp_path):

@@ -99,9 +99,10 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def png_named_jpg(path: Path) -> None:
-    from PIL import Image
-    Image.new("RGB", (40, 30), "red").save(path, format="PNG")
+def twelve_bit_jpeg(path: Path) -> None:  # a PNG named .jpg is read as PNG: not a bad image
+    import numpy as np
+    from jpeg_codings import flat_block_jpeg
+    path.write_bytes(flat_block_jpeg(np.array([[0, 4095]]), precision=12))
 
 
 def text_named_jpg(path: Path) -> None:
@@ -112,7 +113,7 @@ def empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
-@pytest.mark.parametrize("spoil, expect", [(truncate, "truncated"), (png_named_jpg, "PNG data"),
+@pytest.mark.parametrize("spoil, expect", [(truncate, "truncated"), (twelve_bit_jpeg, "12-bit extended sequential JPEG"),
                                            (text_named_jpg, "not an image"), (empty, "empty file")])
 def test_a_bad_image_is_named_in_one_line(capsys, data_copy, imagenet_like, tmp_path, spoil, expect):
     bad = first_jpeg(data_copy)

@@ -154,11 +154,10 @@ def test_truncated_png(dataset: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        (_png_bytes(), "PNG data in a .jpg file"),
         (b"<html>404 Not Found</html>", "not an image: starts with b'<html>40'"),
         (b"", "empty file"),
     ],
-    ids=["png-as-jpg", "text-as-jpg", "empty"],
+    ids=["text-as-jpg", "empty"],
 )
 def test_bad_file_named_in_one_line(dataset: Path, content: bytes, expected: str) -> None:
     path = dataset / "test" / "hotdog" / "1.jpg"
@@ -345,12 +344,12 @@ def test_check_report_lists_gaps_ignored_entries_and_conversions(tmp_path: Path)
 def test_check_report_lists_every_bad_file(dataset: Path) -> None:
     bad = [dataset / "train" / "hotdog" / "0.jpg", dataset / "test" / "not-hotdog" / "2.jpg"]
     truncate(bad[0])
-    bad[1].write_bytes(_png_bytes())
+    bad[1].write_bytes(b"<html>404 Not Found</html>")
     lines, ok = check_report(dataset)
     assert not ok
     bad_lines = [line for line in lines if line.startswith("BAD ")]
     assert [line.split(": ", 1)[0] for line in bad_lines] == [f"BAD {p}" for p in bad]
-    assert bad_lines[1] == f"BAD {bad[1]}: PNG data in a .jpg file"
+    assert bad_lines[1] == f"BAD {bad[1]}: not an image: starts with b'<html>40'"
     assert lines[-1] == "2 bad files out of 12 images"
 
 

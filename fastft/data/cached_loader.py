@@ -4,16 +4,17 @@ and make every batch after that with one fused crop-resize-flip-normalise call.
 First pass (at construction, with a progress bar on the main process):
 - train images are decoded once into one packed uint8 buffer on the device
   (fastft_kernels.PackedImages), optionally shrunk so their longest side is at
-  most --cache-max-side px (aspect kept, antialiased);
+  most --cache-max-side px (aspect kept, antialiased; on the CPU a JPEG far
+  larger decodes at a DCT scale still twice the cap, load_rgb's at_least);
 - this process's test images go through the chapter's eval transform
   (Resize([r, r]), CenterCrop(size), normalise) once, and the resulting tensors
   are KEPT, in the AMP dtype and channels_last: evaluation is then a slice.
-- On CUDA, baseline JPEGs in RGB or grayscale decode in batches with
-  torchvision.io.decode_jpeg(device="cuda") (nvJPEG); everything nvJPEG does not
-  take (PNG, CMYK, other formats, a batch it refuses) decodes on the CPU with
-  images.load_rgb, the decoder every loader uses, and the log says how many. On
-  a CPU, load_rgb (PIL) runs in a thread pool, and the test transform is
-  exactly the torch loader's (PIL resize).
+- On CUDA, 8-bit Huffman-coded RGB or grey JPEGs decode in batches with nvJPEG
+  (decoders.jpeg_batch_decoder: torchcodec's decode_jpeg, else torchvision's);
+  everything else (PNG, CMYK, lossless, other formats, a file nvJPEG refuses)
+  decodes on the CPU with images.load_rgb, the decoder every loader uses, and the
+  log says how many. On a CPU, load_rgb (PIL) runs in a thread pool, and the test
+  transform is exactly the torch loader's (PIL resize).
 
 Later epochs: the boxes and flips of a whole epoch are drawn on the host
 (crops.draw_boxes: RandomResizedCrop's rule, per image from (seed, epoch, index))
@@ -45,119 +46,24 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from fastft.config import eval_resize_px
+# Imported from here by the loader's callers and tests: the plan is part of this loader's API.
+from fastft.data.cache_plan import MB, CachePlan, Header, capped, plan_cache, read_header  # noqa: F401
 from fastft.data.crops import draw_boxes
-from fastft.data.images import decode_problem, load_rgb, shown_path
+from fastft.data.decoders import decode_jpegs, jpeg_batch_decoder
+from fastft.data.images import load_rgb, shown_path
 from fastft.data.layout import DatasetLayout
 from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from fastft.errors import ConfigError, DataError
+from fastft.errors import DataError
 
-CACHE_SHARE = 0.5        # of free device memory (CUDA) or of MemAvailable (CPU) for --cache-gb 0
-MB, GB = 2 ** 20, 2 ** 30
 _GPU_BATCH = 64          # files per batched nvJPEG call
-_NVJPEG_MODES = ("RGB", "L")  # JPEG colour modes decode_jpeg(mode=RGB) converts as PIL does
-
-
-@dataclass(frozen=True)
-class Header:
-    """What an image's header says, read without decoding it."""
-    height: int
-    width: int
-    nvjpeg: bool  # a JPEG in a mode nvJPEG decodes to PIL's RGB
-
-
-def read_header(path: Path) -> Header:
-    """Image size from the header only (PIL reads no pixels). Raises DataError naming the file."""
-    try:
-        with Image.open(path) as img:
-            return Header(img.height, img.width, img.format == "JPEG" and img.mode in _NVJPEG_MODES)
-    except Exception as exc:  # PIL raises many types on a bad header
-        # The reason `fastft data check` gives for the same file, so every path says it alike.
-        reason = decode_problem(path) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"{shown_path(path)}: {reason}") from exc
-
-
-def capped(height: int, width: int, max_side: int) -> tuple[int, int]:
-    """(h, w) with the longest side at most max_side px, aspect kept; max_side 0 = unchanged."""
-    longest = max(height, width)
-    if not max_side or longest <= max_side:
-        return height, width
-    return max(1, round(height * max_side / longest)), max(1, round(width * max_side / longest))
-
-
-def _budget(device: torch.device, cache_gb: float, processes_here: int) -> tuple[int, str]:
-    """(bytes, where the number comes from): --cache-gb, else CACHE_SHARE of what is free."""
-    if cache_gb > 0:
-        return int(cache_gb * GB), f"--cache-gb {cache_gb:g}"
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        return int(CACHE_SHARE * free), f"{CACHE_SHARE:.0%} of {free / MB:.0f} MB free on {device}"
-    free = _mem_available()
-    share = f"{CACHE_SHARE:.0%} of {free / MB:.0f} MB MemAvailable"
-    if processes_here > 1:  # processes on one machine share its RAM, each with a full copy
-        return int(CACHE_SHARE * free / processes_here), f"{share} / {processes_here} processes"
-    return int(CACHE_SHARE * free), share
-
-
-def _mem_available() -> int:
-    """Bytes of RAM available (Linux /proc/meminfo), else os.sysconf's physical pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """Sizes decided from headers, before any pixel is decoded."""
-    train_headers: tuple[Header, ...]
-    train_shapes: tuple[tuple[int, int], ...]  # (h, w) as stored, after --cache-max-side
-    test_headers: tuple[Header, ...]           # this process's test shard
-    train_bytes: int
-    test_bytes: int
-    budget_bytes: int
-    budget_source: str
-
-    @property
-    def need_mb(self) -> float:
-        return (self.train_bytes + self.test_bytes) / MB
-
-    @property
-    def fits(self) -> bool:
-        return self.train_bytes + self.test_bytes <= self.budget_bytes
-
-    def too_big(self, max_side: int) -> ConfigError:
-        side = f"capped at {max_side} px" if max_side else "at full size"
-        return ConfigError(
-            f"--loader cached needs {self.need_mb:.0f} MB ({len(self.train_shapes)} train images {side} + "
-            f"{len(self.test_headers)} test tensors) but its budget is {self.budget_bytes / MB:.0f} MB "
-            f"({self.budget_source}); raise --cache-gb or lower --cache-max-side")
-
-
-def plan_cache(layout: DatasetLayout, image_size: int, rt, cache_gb: float = 0.0,
-               max_side: int = 0, processes_here: int = 1) -> CachePlan:
-    """The cache's size from headers, against its budget (bytes: train uint8 HWC pixels plus the
-    kept test tensors, 3 x size^2 in the AMP dtype each)."""
-    train = tuple(read_header(p) for p, _ in layout.files["train"])
-    test = tuple(read_header(p) for p, _ in layout.files["test"][rt.rank:: rt.world_size])
-    shapes = tuple(capped(h.height, h.width, max_side) for h in train)
-    item = torch.empty((), dtype=rt.amp_dtype or torch.float32).element_size()
-    budget, source = _budget(rt.device, cache_gb, processes_here)
-    return CachePlan(train, shapes, test, sum(3 * h * w for h, w in shapes),
-                     len(test) * 3 * image_size ** 2 * item, budget, source)
 
 
 class _Batches:
@@ -199,6 +105,7 @@ class CachedLoaders:
         self.drop = (drop_ragged or 0 < ragged < min_batch) and shard >= batch_per_rank
         self.steps = shard // batch_per_rank if self.drop else math.ceil(shard / batch_per_rank)
         self.dtype = rt.amp_dtype or torch.float32
+        self._jpeg_decoder = None
         self._decode_all(layout, progress)
 
     # --- the first pass ---------------------------------------------------------------------
@@ -214,13 +121,21 @@ class CachedLoaders:
                                   device=device).permute(0, 3, 1, 2)  # channels_last
         self.cpu_decoded = 0
 
+        headers = self.plan.train_headers
+
         def store(i: int, hwc: torch.Tensor) -> None:
             h, w = shapes[i]
-            data[offsets[i]: offsets[i] + sizes[i]].view(h, w, 3).copy_(_fit(hwc, h, w, train[i][0]))
+            data[offsets[i]: offsets[i] + sizes[i]].view(h, w, 3).copy_(_fit(hwc, h, w, headers[i], train[i][0]))
+
+        def draft(i: int) -> tuple[int, int] | None:
+            """A capped JPEG decodes at a DCT scale still twice the cap, as Pillow's thumbnail
+            does (reducing_gap 2), so the antialiased resize to the cap does the rest."""
+            h, w = shapes[i]
+            return (2 * w, 2 * h) if (h, w) != (headers[i].height, headers[i].width) else None
 
         with tqdm(total=len(train) + len(test), desc="decoding once", unit="img", leave=False,
                   disable=None if progress else True, dynamic_ncols=True) as bar:
-            self._decode_split(train, self.plan.train_headers, store, bar)
+            self._decode_split(train, headers, store, bar, draft)
             self._decode_test(test, lambda i, x: self.test_x[i].copy_(x), bar)
         self.images = PackedImages(data, torch.as_tensor(offsets, device=device),
                                    torch.tensor([h for h, _ in shapes], dtype=torch.int32, device=device),
@@ -234,28 +149,38 @@ class CachedLoaders:
 
     def _nvjpeg(self) -> bool:
         """Whether JPEGs decode in batches with decode_jpeg on the device (nvJPEG on CUDA).
-        One place to ask, so a CPU test can drive this path with torchvision's CPU decoder."""
+        One place to ask, so a CPU test can drive this path with the decoders' CPU decode."""
         return self.rt.device.type == "cuda"
 
-    def _decode_split(self, files, headers, store, bar) -> None:
-        """Decode files[i] to uint8 (H, W, 3) on the device and hand it to store(i, image)."""
+    @property
+    def jpeg_decoder(self):
+        """decoders.jpeg_batch_decoder(): torchcodec's where it loads, else torchvision's; chosen
+        on first use, so a CPU run never imports either."""
+        if self._jpeg_decoder is None:
+            self._jpeg_decoder = jpeg_batch_decoder()
+        return self._jpeg_decoder
+
+    def _decode_split(self, files, headers, store, bar, draft=lambda i: None) -> None:
+        """Decode files[i] to uint8 (H, W, 3) on the device and hand it to store(i, image);
+        on the CPU, at load_rgb's reduced JPEG size draft(i) (width, height) where not None."""
         on_gpu = self._nvjpeg()
         gpu = [i for i, h in enumerate(headers) if on_gpu and h.nvjpeg]
         for start in range(0, len(gpu), _GPU_BATCH):
             chunk = gpu[start: start + _GPU_BATCH]
-            for i, chw in zip(chunk, _decode_jpegs([files[i][0] for i in chunk], self.rt.device)):
+            decoded = decode_jpegs([files[i][0] for i in chunk], self.rt.device, self.jpeg_decoder)
+            for i, chw in zip(chunk, decoded):
                 self.cpu_decoded += chw is None
-                store(i, chw.permute(1, 2, 0) if chw is not None else self._cpu(files[i][0]))
+                store(i, chw.permute(1, 2, 0) if chw is not None else self._cpu(files[i][0], draft(i)))
             bar.update(len(chunk))
         on_cpu = sorted(set(range(len(files))) - set(gpu))
         self.cpu_decoded += len(on_cpu) if on_gpu else 0  # a CPU fallback is counted on a GPU run only
         with ThreadPoolExecutor(max_workers=self.threads) as pool:
-            for _ in pool.map(lambda i: store(i, self._cpu(files[i][0])), on_cpu):
+            for _ in pool.map(lambda i: store(i, self._cpu(files[i][0], draft(i))), on_cpu):
                 bar.update(1)
 
-    def _cpu(self, path: Path) -> torch.Tensor:
+    def _cpu(self, path: Path, at_least: tuple[int, int] | None = None) -> torch.Tensor:
         """load_rgb (PIL, the decoder every loader uses), as uint8 (H, W, 3) on the device."""
-        return torch.from_numpy(np.array(load_rgb(path))).to(self.rt.device)
+        return torch.from_numpy(np.array(load_rgb(path, at_least))).to(self.rt.device)
 
     def _decode_test(self, files, keep, bar) -> None:
         """keep(i, fp32 (3, S, S)): the chapter's eval transform of this process's test image i."""
@@ -334,7 +259,8 @@ class CachedLoaders:
         p, s = self.plan, self.cache_stats()
         side = f"longest side capped at {self.max_side} px" if self.max_side else "full size"
         where = (f"{len(p.train_shapes) + len(p.test_headers) - self.cpu_decoded} with nvJPEG on "
-                 f"{self.rt.device}, {self.cpu_decoded} on the CPU (PNG, CMYK, other formats, refused)"
+                 f"{self.rt.device} ({self.jpeg_decoder.name}), {self.cpu_decoded} on the CPU (PNG, "
+                 f"CMYK, lossless, other formats, refused)"
                  if self._nvjpeg() else f"PIL in {self.threads} threads")
         lines = [f"cached: decoded once in {self.decode_s:.1f} s ({where}): {self.train_size} train images "
                  f"({side}, {s['cache_train_mb']:.0f} MB) + {len(p.test_headers)} test tensors "
@@ -380,15 +306,17 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def _fit(hwc: torch.Tensor, height: int, width: int, path: Path) -> torch.Tensor:
-    """The decoded image at its planned stored size: resized (antialiased) when capped;
-    a decoded size that differs from the header's is an error naming the file."""
+def _fit(hwc: torch.Tensor, height: int, width: int, header: Header, path: Path) -> torch.Tensor:
+    """The decoded image at its planned stored size: resized (antialiased) when capped. A
+    decoded size other than the header's, or a DCT scale of it (load_rgb's at_least: ceil of
+    the side over 2, 4 or 8), is an error naming the file."""
     if tuple(hwc.shape) == (height, width, 3):
         return hwc
     from torchvision.transforms.v2.functional import resize
     h, w = hwc.shape[:2]
-    if capped(h, w, max(height, width)) != (height, width):
-        raise DataError(f"{shown_path(path)}: decodes to {h}x{w} px, its header says otherwise")
+    if (h, w) not in {(-(-header.height // s), -(-header.width // s)) for s in (1, 2, 4, 8)}:
+        raise DataError(f"{shown_path(path)}: decodes to {h}x{w} px, its header says "
+                        f"{header.height}x{header.width}")
     return resize(hwc.permute(2, 0, 1), [height, width], antialias=True).permute(1, 2, 0)
 
 
@@ -399,20 +327,3 @@ def _eval_on_device(hwc: torch.Tensor, size: int) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=hwc.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=hwc.device).view(3, 1, 1)
     return (resized.float() / 255 - mean) / std
-
-
-def _decode_jpegs(paths: list, device: torch.device) -> list[torch.Tensor | None]:
-    """uint8 (3, H, W) per JPEG from one batched nvJPEG call; None where nvJPEG refuses a file
-    (the batch is retried file by file to find which)."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
-    encoded = [read_file(os.fspath(p)) for p in paths]
-    try:
-        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        out = []
-        for data in encoded:
-            try:
-                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                out.append(None)
-        return out

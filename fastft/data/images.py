@@ -6,35 +6,26 @@ file into a short reason, cheaply enough to check a whole dataset at startup
 (`quick_problem`) or thoroughly on request (`decode_problem`), and make the
 loader itself fail with a one-line `DataError` (`load_rgb`).
 
-Every path that turns a file into pixels (torch loader, predict, data check,
-DALI's converted copies) goes through `load_rgb`, so they all see the same RGB
-for every PIL mode. The mapping follows DALI 2.4's CPU decoder
-(fn.decoders.image, output_type=RGB), measured per mode by
-tests/test_image_modes.py:
-- 1, L, P, RGB, YCbCr, LAB: PIL's convert("RGB"); a palette's transparency
-  is ignored (each index keeps its colour).
-- CMYK: (255 - C)(255 - K) / 255 rounded down, as DALI computes it (PIL's
-  convert rounds to nearest).
-- LA, RGBA, PA: alpha dropped, not composited over any background.
-- I;16 (any byte order) and I (32-bit integer, read as 16-bit): v * 255 / 65535,
-  rounded; PIL's own convert clips these to white.
-- F (float): x * 255, rounded, for x in 0..1.
-Refused with a one-line DataError: I outside 0..65535 and F outside 0..1 or
-not finite (no white level to scale by; clipping would silently flatten the
-image), and modes PIL cannot convert to RGB.
-EXIF orientation is ignored, as ImageFolder ignores it.
+Every path that turns a file into pixels (torch loader, cached loader, predict,
+data check, DALI's converted copies) goes through `load_rgb`, so they all see the
+same RGB for every mode (the table in rgb_modes.py), and refuse the same files
+with the same words: a format, JPEG coding or size no loader reads is named from
+its headers (formats.py) before anything decodes, and the content, not the name,
+says what a file is (a PNG, AVIF or HEIC saved as .jpg is read as what it is).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
+from fastft.data.decoders import missing_decoder, reader_of, torchcodec_image
+from fastft.data.formats import HEAD_BYTES, JpegFrame, jpeg_frame, jpeg_refusal, png_size, size_problem, sniff
+from fastft.data.rgb_modes import UnmappableImage, mode_note, to_rgb, unmappable
 from fastft.errors import DataError
 
 # Kept identical to torchvision.datasets.folder.IMG_EXTENSIONS so the scan
@@ -48,27 +39,15 @@ _PNG_EXTS = (".png",)
 _JPEG_END = b"\xff\xd9"
 # Zero-length IEND chunk: length, type, CRC.  Every complete PNG ends with it.
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-_HEAD_BYTES = 16
 _SHOWN_BYTES = 8
+_NAMED_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".ppm": "PNM", ".pgm": "PNM",
+                  ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WebP"}
+_FOREIGN = ("AVIF", "HEIC")  # formats Pillow may not read: decoders.reader_of says who does
 
-# (format name, predicate on the first bytes); first match wins.
-_SIGNATURES: tuple[tuple[str, Callable[[bytes], bool]], ...] = (
-    ("JPEG", lambda h: h.startswith(b"\xff\xd8\xff")),
-    ("PNG", lambda h: h.startswith(b"\x89PNG\r\n\x1a\n")),
-    ("GIF", lambda h: h[:6] in (b"GIF87a", b"GIF89a")),
-    ("WebP", lambda h: h[:4] == b"RIFF" and h[8:12] == b"WEBP"),
-    ("TIFF", lambda h: h[:4] in (b"II*\x00", b"MM\x00*")),
-    ("BMP", lambda h: h[:2] == b"BM"),
-    ("PNM", lambda h: len(h) > 2 and h[0:1] == b"P" and h[1:2] in b"123456"
-     and h[2:3].isspace()),
-)
-
-
-def _sniff(head: bytes) -> str | None:
-    for name, matches in _SIGNATURES:
-        if matches(head):
-            return name
-    return None
+# fastft's own pixel limit (formats.size_problem, checked below before any pixel decodes)
+# replaces Pillow's process-wide one, which refuses at 2 x 89.5 megapixels and warns from
+# 89.5: one rule for every loader, predict and `data check`, DALI included.
+Image.MAX_IMAGE_PIXELS = None
 
 
 def shown_path(path: str | os.PathLike[str]) -> str:
@@ -79,7 +58,7 @@ def shown_path(path: str | os.PathLike[str]) -> str:
 
 
 def _unidentified(head: bytes) -> str:
-    kind = _sniff(head)
+    kind = sniff(head)
     if kind is None:
         return f"not an image: starts with {head[:_SHOWN_BYTES]!r}"
     return f"corrupt {kind} header (PIL cannot identify the file)"
@@ -106,49 +85,62 @@ def _extension(path: str | os.PathLike[str]) -> str:
     return os.path.splitext(os.fspath(path))[1].lower()
 
 
-def _expected_format(ext: str) -> str | None:
-    if ext in _JPEG_EXTS:
-        return "JPEG"
-    if ext in _PNG_EXTS:
-        return "PNG"
-    return None
+@dataclass(frozen=True)
+class _Peek:
+    """A file's size, first and last bytes, its format by content and, for a JPEG, its frame."""
+    size: int
+    head: bytes
+    tail: bytes
+    kind: str | None
+    frame: JpegFrame | None
 
 
-def _magic_problem(ext: str, head: bytes) -> str | None:
-    """Reason why `head` cannot be the start of a file with extension `ext`."""
-    expected = _expected_format(ext)
-    if expected is None:
-        return None
-    found = _sniff(head)
-    if found == expected:
-        return None
-    if found is None:
-        return f"not an image: starts with {head[:_SHOWN_BYTES]!r}"
-    return f"{found} data in a {ext} file"
-
-
-def _read_head_tail(path: str | os.PathLike[str]) -> tuple[int, bytes, bytes]:
-    """File size, first bytes and last bytes, from one open()."""
-    # Raw os calls: a buffered open() costs several times more than the reads.
+def _peek(path: str | os.PathLike[str]) -> _Peek:
+    """One open(): raw os calls, several times cheaper than a buffered open() here."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         size = os.fstat(fd).st_size
-        head = os.pread(fd, _HEAD_BYTES, 0)
+        head = os.pread(fd, HEAD_BYTES, 0)
         tail_start = max(size - len(_PNG_END), 0)
-        tail = os.pread(fd, size - tail_start, tail_start) if size > _HEAD_BYTES else head
+        tail = os.pread(fd, size - tail_start, tail_start)
+        kind = sniff(head)
+        frame = jpeg_frame(lambda n, at: os.pread(fd, n, at)) if kind == "JPEG" else None
     finally:
         os.close(fd)
-    return size, head, tail
+    return _Peek(size, head, tail, kind, frame)
+
+
+def _content_problem(path, peek: _Peek) -> str | None:
+    """Why a file cannot be an image we read, from its first bytes and headers alone. The
+    content decides the format, not the name: a PNG, AVIF or HEIC saved as .jpg is read as
+    what it is (phones and web exports do this; DALI and Pillow sniff content too)."""
+    if peek.size == 0:
+        return "empty file"
+    ext = _extension(path)
+    if peek.kind is None:
+        # No signature we know: under a JPEG or PNG name, not an image; under another name
+        # (.tif, .bmp, ... with odd bytes) Pillow's header parse decides.
+        known = ext in _JPEG_EXTS + _PNG_EXTS
+        return f"not an image: starts with {peek.head[:_SHOWN_BYTES]!r}" if known else None
+    if peek.kind in _FOREIGN and reader_of(peek.kind) is None:
+        return missing_decoder(peek.kind)
+    if peek.frame is not None:
+        return jpeg_refusal(peek.frame) or size_problem(peek.frame.width, peek.frame.height)
+    size = png_size(peek.head) if peek.kind == "PNG" else None
+    return size_problem(*size) if size else None
 
 
 def _header_problem(path: Path) -> str | None:
     """PIL header parse only, for formats we have no cheap end check for."""
     try:
-        with Image.open(path):
-            return None
+        with Image.open(path) as img:
+            return size_problem(*img.size)
     except Image.UnidentifiedImageError:
         with open(path, "rb") as f:
-            return _unidentified(f.read(_HEAD_BYTES))
+            head = f.read(HEAD_BYTES)
+        if sniff(head) in _FOREIGN:  # read by torchcodec (_content_problem checked there is one)
+            return None
+        return _unidentified(head)
     except Exception as exc:  # PIL plugins raise many types on bad headers
         return f"cannot read image header ({_first_line(exc)})"
 
@@ -156,128 +148,69 @@ def _header_problem(path: Path) -> str | None:
 def quick_problem(path: Path) -> str | None:
     """Cheap check: None if `path` looks like a complete image, else a reason.
 
-    Reads only the first and last few bytes of JPEG/PNG files; a full decode is
-    done only for a file whose end marker is missing, because some valid files
-    carry trailing bytes after it.
+    Reads only the first and last few bytes (and a JPEG's segment headers up to its frame)
+    of JPEG and PNG files; a full decode is done only for a file whose end marker is missing,
+    because some valid files carry trailing bytes after it.
     """
-    ext = _extension(path)
     try:
-        size, head, tail = _read_head_tail(path)
-        if size == 0:
-            return "empty file"
-        problem = _magic_problem(ext, head)
-        if problem is not None:
-            return problem
-        expected = _expected_format(ext)
-        if expected is None:
-            return _header_problem(path)
+        peek = _peek(path)
+        problem = _content_problem(path, peek)
+        if problem is not None or peek.kind not in ("JPEG", "PNG"):
+            return problem or _header_problem(path)
     except OSError as exc:
         return _read_problem(path, exc)
-    end = _JPEG_END if expected == "JPEG" else _PNG_END
-    if tail.endswith(end):
+    end = _JPEG_END if peek.kind == "JPEG" else _PNG_END
+    if peek.tail.endswith(end):
         return None
     return decode_problem(path)
 
 
 def decode_problem(path: Path) -> str | None:
-    """Thorough check: None if PIL fully decodes `path` and load_rgb can map it, else a reason.
+    """Thorough check: None if `path` fully decodes and load_rgb can map it, else a reason.
 
     Leaves ImageFile.LOAD_TRUNCATED_IMAGES alone, so a truncated file is
     reported rather than silently padded with grey.
     """
     try:
-        with open(path, "rb") as f:
-            head = f.read(_HEAD_BYTES)
+        peek = _peek(path)
     except OSError as exc:
         return _read_problem(path, exc)
-    if not head:
-        return "empty file"
-    problem = _magic_problem(_extension(path), head)
+    problem = _content_problem(path, peek)
     if problem is not None:
         return problem
     try:
-        with Image.open(path) as img:
-            img.load()
+        with _opened(path, peek.kind) as img:
+            problem = size_problem(*img.size)  # formats without a header check above
+            if problem is None:
+                img.load()
             # A file that decodes but has no RGB mapping would fail in the loader.
-            return unmappable(img)
+            return problem or unmappable(img)
     except Image.UnidentifiedImageError:
-        return _unidentified(head)
-    except Image.DecompressionBombError as exc:
-        return f"too large to decode ({_first_line(exc)})"
+        return _unidentified(peek.head)
     except Exception as exc:  # corrupt data makes PIL raise nearly anything
-        kind = _sniff(head) or "image"
-        return f"truncated or corrupt {kind} ({_first_line(exc)})"
+        return f"truncated or corrupt {peek.kind or 'image'} ({_first_line(exc)})"
 
 
-class UnmappableImage(ValueError):
-    """A decoded image whose mode or values have no sensible 8-bit RGB mapping."""
+def _opened(path, kind: str | None) -> Image.Image:
+    """The file as a PIL image, header read, pixels not yet: Pillow's own, or for AVIF and HEIC
+    Pillow after decoders.reader_of registered a plugin, else torchcodec's decode. Raises what
+    Pillow raises (UnidentifiedImageError for a file it does not know) or torchcodec raises."""
+    if kind in _FOREIGN:
+        reader = reader_of(kind)
+        if reader == "torchcodec":
+            return torchcodec_image(path, kind)
+        if reader is None:
+            raise Image.UnidentifiedImageError(missing_decoder(kind))
+    return Image.open(path)
 
 
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-# Modes PIL converts to RGB without fail (CMYK and a palette's transparency get to_rgb's own
-# rules first); others are checked by to_rgb.
-_PLAIN_MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"})
-_WHITE_16 = 65535
-_EXIF_ORIENTATION = 0x0112
-
-
-def _scaled_16bit(a: np.ndarray) -> np.ndarray:
-    """uint8 levels round(v * 255 / 65535) of integer samples v in 0..65535; UnmappableImage outside."""
-    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
-    if lo < 0 or hi > _WHITE_16:
-        raise UnmappableImage(f"integer image with values {lo}..{hi}, outside the 16-bit range "
-                              f"0..{_WHITE_16}; save it as 8- or 16-bit")
-    # (v * 255 + 32767) // 65535 is v * 255 / 65535 rounded: 65535 is odd, so no ties.
-    return ((a.astype(np.uint32) * 255 + _WHITE_16 // 2) // _WHITE_16).astype(np.uint8)
-
-
-def _scaled_float(a: np.ndarray) -> np.ndarray:
-    """uint8 levels round(x * 255) of float samples x in 0..1; UnmappableImage otherwise."""
-    if not np.isfinite(a).all():
-        raise UnmappableImage("float image with NaN or infinite values")
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if lo < 0 or hi > 1:
-        raise UnmappableImage(f"float image with values {lo:g}..{hi:g}, outside 0..1; "
-                              f"save it as 8- or 16-bit")
-    return np.floor(a.astype(np.float64) * 255 + 0.5).astype(np.uint8)  # DALI rounds halves up
-
-
-def _cmyk_levels(a: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of (H, W, 4) CMYK levels: floor((255 - C)(255 - K) / 255), DALI's
-    formula exactly; PIL's convert rounds instead, one level apart on half the pixels."""
-    ink = 255 - a.astype(np.uint16)
-    return (ink[..., :3] * ink[..., 3:] // 255).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """`img` as 8-bit RGB by the module's table of modes.
-
-    Raises UnmappableImage (one line) for an I or F image outside the range it can
-    be scaled from, or a mode PIL cannot convert to RGB.
-    """
-    if img.mode == "P" and "transparency" in img.info:
-        # Colours kept, transparency ignored, as DALI does; via RGBA, because PIL warns
-        # on every direct P -> RGB conversion of a palette with an alpha table.
-        return img.convert("RGBA").convert("RGB")
-    if img.mode == "CMYK":
-        return Image.fromarray(_cmyk_levels(np.asarray(img)))
-    if img.mode in _PLAIN_MODES:
-        return img.convert("RGB")
-    if img.mode in _SIXTEEN_BIT or img.mode == "I":
-        gray = _scaled_16bit(np.asarray(img))
-    elif img.mode == "F":
-        gray = _scaled_float(np.asarray(img))
-    else:
-        try:
-            return img.convert("RGB")
-        except ValueError as exc:
-            raise UnmappableImage(f"image mode {img.mode} has no RGB mapping ({_first_line(exc)})") from exc
-    return Image.fromarray(gray).convert("RGB")  # (H, W) uint8: mode L
-
-
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, at_least: tuple[int, int] | None = None) -> Image.Image:
     """Decode `path` as an 8-bit RGB PIL image, (H, W, 3) uint8 levels.
 
+    `at_least` (width, height), for a caller that shrinks the image to that size anyway: a
+    JPEG then decodes at the smallest of libjpeg's DCT scales, 1/8, 1/4, 1/2 or 1, that keeps
+    both sides at least that large (Image.draft: ceil(side / scale) px), several times faster
+    than a full decode and in a fraction of its memory; other formats decode in full.
     Every mode maps as the module docstring's table says. Raises a one-line
     DataError naming the file for a file PIL cannot decode or a mode that has
     no sensible RGB mapping, with decode_problem's reason ("empty file", "not an
@@ -285,7 +218,11 @@ def load_rgb(path: str | Path) -> Image.Image:
     predict and `data check` name a bad file the same way.
     """
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
+            if size_problem(*img.size) is not None:  # decode_problem names it, below
+                raise ValueError("over the pixel limit")
+            if at_least is not None:
+                img.draft(img.mode, at_least)  # JPEG only; a no-op for every other format
             img.load()
             return to_rgb(img)
     except UnmappableImage as exc:
@@ -296,49 +233,40 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise DataError(f"{shown_path(path)}: {reason}") from exc
 
 
-def unmappable(img: Image.Image) -> str | None:
-    """Why a decoded `img` has no RGB mapping, or None; cheap for the common modes."""
-    if img.mode in _PLAIN_MODES:
-        return None
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """`path` as a PIL image, its header read (its pixels too where torchcodec decodes it):
+    Image.open, or for an AVIF or HEIC file Pillow does not know, _opened's readers. Raises
+    what they raise; load_rgb and decode_problem turn that into the one-line reason."""
     try:
-        to_rgb(img)
-    except UnmappableImage as exc:
-        return f"cannot map image to RGB ({exc})"
-    return None
+        return Image.open(path)
+    except Image.UnidentifiedImageError:
+        with open(path, "rb") as f:
+            kind = sniff(f.read(HEAD_BYTES))
+        if kind not in _FOREIGN:
+            raise
+        return _opened(path, kind)
 
 
-def mode_note(img: Image.Image) -> str | None:
-    """How load_rgb changes an opened `img` beyond a plain 8-bit RGB decode, for
-    `fastft data check`'s report; None for 1/L/P/RGB without EXIF rotation."""
-    mode = img.mode
-    if mode in _SIXTEEN_BIT:
-        note = "16-bit grayscale, scaled by 255/65535"
-    elif mode == "I":
-        note = "integer grayscale, read as 16-bit (scaled by 255/65535)"
-    elif mode == "F":
-        note = "float grayscale, 0..1 scaled to 0..255"
-    elif mode == "P" and "transparency" in img.info:
-        note = "palette with transparency, transparency ignored"
-    elif mode in ("LA", "RGBA", "PA"):
-        note = f"{mode} with alpha, alpha dropped (not composited)"
-    elif mode not in ("1", "L", "P", "RGB"):
-        note = f"{mode}, converted to RGB"
-    else:
-        note = None
-    orientation = img.getexif().get(_EXIF_ORIENTATION)
-    if orientation not in (None, 0, 1):
-        turned = f"EXIF orientation {orientation} ignored: read as stored, as ImageFolder does"
-        note = f"{note}; {turned}" if note else turned
-    return note
+def jpeg_frame_of(path: str | os.PathLike[str]) -> JpegFrame | None:
+    """The frame header of `path` if its content is a JPEG (formats.jpeg_frame), else None."""
+    return _peek(path).frame
 
 
 def image_note(path: Path) -> str | None:
-    """mode_note of the file at `path` (header only), or None if it does not open."""
+    """mode_note of the file at `path` (header only, but for AVIF/HEIC that torchcodec
+    decodes), with its format where its name says another; None if it does not open."""
     try:
-        with Image.open(path) as img:
-            return mode_note(img)
+        with open(path, "rb") as f:
+            kind = sniff(f.read(HEAD_BYTES))
+        with _opened(path, kind) as img:
+            note = mode_note(img)
     except Exception:  # a bad file is decode_problem's business
         return None
+    named = _NAMED_FORMATS.get(_extension(path))
+    if kind is not None and named is not None and kind != named:
+        renamed = f"{kind} data behind a {_extension(path)} name, read as {kind}"
+        note = f"{renamed}; {note}" if note else renamed
+    return note
 
 
 # (PIL format, mode) pairs whose DALI 2.4 CPU decode equals load_rgb within one
@@ -365,14 +293,17 @@ def dali_agrees(img: Image.Image) -> bool:
 
 
 def needs_dali_copy(path: Path) -> bool:
-    """True when DALI would decode `path` differently from load_rgb (header only).
+    """True when DALI would decode `path` differently from load_rgb, or not at all (headers only).
 
-    JPEG and PNG files are not opened: every mode Pillow opens them in is in
-    _DALI_AGREES (16-bit PNG opens as I;16, or as RGB/RGBA for colour).
+    By content, whatever the name: a lossless JPEG (DALI 2.4 fails on the grey ones, and its
+    GPU decoder takes no lossless JPEG), AVIF and HEIC get copies; other JPEGs and PNGs do not,
+    and are not opened: every mode Pillow opens them in is in _DALI_AGREES (16-bit PNG opens as
+    I;16, or as RGB/RGBA for colour).
     """
-    if _extension(path) in _JPEG_EXTS + _PNG_EXTS:
-        return False
     try:
+        peek = _peek(path)
+        if peek.kind in ("JPEG", "PNG", *_FOREIGN):
+            return peek.kind in _FOREIGN or (peek.frame is not None and peek.frame.lossless)
         with Image.open(path) as img:
             return not dali_agrees(img)
     except Exception:  # a bad file is the bad-file check's business
