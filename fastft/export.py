@@ -45,7 +45,7 @@ from fastft.curves import CURVES_NAME
 from fastft.data import SYNTHETIC
 from fastft.data.images import load_rgb
 from fastft.data.transforms import eval_transform
-from fastft.errors import ConfigError, DataError, FastftError
+from fastft.errors import ConfigError, DataError, FastftError, WriteError
 from fastft.predict import ORT_HINT, check_images, exported_logits, flat_reason, sidecar_path, trained_model
 from fastft.report import write_json_atomic
 from fastft.safe_write import check_writable, failure, remove_quietly
@@ -122,6 +122,12 @@ def export_run(checkpoint: Path, fmt: str, out: Path | None = None, images: list
         export_s = time.perf_counter() - started
         checked = parity(model, x, tmp, fmt, inputs) if check else None
         os.replace(tmp, path)
+    except Exception as exc:  # a full disk or read-only folder: one line naming `path`, not the .tmp
+        written = failure(path, exc.__cause__ if isinstance(exc, WriteError) else exc,
+                          sum(t.nbytes for t in model.state_dict().values()))
+        if written is None:
+            raise
+        raise written from exc
     finally:
         remove_quietly(tmp)
     if fmt == "safetensors":
@@ -230,7 +236,8 @@ def run_test_images(run_dir: Path, state: dict) -> tuple[list[Path], str]:
 def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, fmt: str, card: dict) -> None:
     """Write `model` (fp32, CPU, eval) to `path`, traced on `sample` with the batch axis dynamic;
     safetensors: its state_dict, `card` as the metadata. A write that fails (a full disk, a read-only
-    folder) is a one-line WriteError, also where the exporter wraps it in an error of its own."""
+    folder) is raised as it came, for export_run to name the file in one line; any other failure of
+    the exporter is an ExportError."""
     if fmt == "safetensors":
         write_model_file(path, exportable_state(model), card)
         return
@@ -243,9 +250,8 @@ def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, fmt: str, 
             else:
                 torch.export.save(torch.export.export(model, (sample,), dynamic_shapes=batch), str(path))
     except Exception as exc:  # the exporters raise their own types; a ResNet-18 should never get here
-        written = failure(path, exc, sum(t.nbytes for t in model.state_dict().values()))
-        if written is not None:  # a full disk or a read-only folder, under the exporter's own error
-            raise written from exc
+        if failure(path, exc) is not None:  # a full disk, a read-only folder: said by export_run
+            raise
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"{fmt} export failed ({type(exc).__name__}: {reason})") from exc
 

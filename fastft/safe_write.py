@@ -126,7 +126,8 @@ def failure(path: Path, exc: BaseException, needed: int | None = None, written: 
         room = f"{human_bytes(free)} free" if free is not None else "no free space it can report"
         need = (f"the file needs about {human_bytes(needed)} and " if needed else
                 f"the file needs more than the {human_bytes(written)} written and " if written else "")
-        return WriteError(f"{shown(path)}: disk full: {need}{shown(folder)} has {room}; free space there", path, needed)
+        return WriteError(f"{shown(path)}: disk full: {need}{shown(folder)} has {room}; free space there",
+                          path, needed)
     if cause is not None and cause.errno == errno.EROFS:
         return WriteError(f"{shown(path)}: cannot write: {shown(existing_folder(path.parent))} is on a read-only "
                           f"file system", path, needed)

@@ -178,11 +178,13 @@ def test_a_metrics_line_that_does_not_fit_is_cut_off_whole(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("writer", ["json", "safetensors", "curves"])
-def test_every_file_writer_on_an_imitated_full_disk_is_one_line_and_keeps_the_old_file(writer, tmp_path, monkeypatch):
+def test_every_file_writer_on_an_imitated_full_disk_is_one_line_and_keeps_the_old_file(writer, tmp_path,
+                                                                                       monkeypatch):
     """config.json / summary.json / eval.json / sidecars, model.safetensors, curves.png and eval's
     PNGs all go through safe_write; the old file stays, no .tmp is left."""
     if writer == "json":
-        path, write = tmp_path / "summary.json", lambda: write_json_atomic(tmp_path / "summary.json", {"a": "x" * 5000})
+        path = tmp_path / "summary.json"
+        write = lambda: write_json_atomic(path, {"a": "x" * 5000})
     elif writer == "safetensors":
         pytest.importorskip("safetensors")
         from fastft.weights import write_model_file
@@ -206,6 +208,36 @@ def test_every_file_writer_on_an_imitated_full_disk_is_one_line_and_keeps_the_ol
     with pytest.raises(WriteError, match=rf"^{re.escape(str(path))}: disk full: .* free; free space there$"):
         write()
     assert path.read_bytes() == b"the old file" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_an_export_whose_disk_fills_is_one_line_and_leaves_no_file(small_run, tmp_path, monkeypatch, capsys):
+    """Imitated: torch.export.save raises what torch's zip writer raises on a full disk, with 1 MB
+    free; the message says how much the program needs (the model's weights, ~43 MB)."""
+    def full(program, path, *args, **kwargs):
+        Path(path).write_bytes(b"PK half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(torch.export, "save", full)
+    monkeypatch.setattr(safe_write.shutil, "disk_usage", lambda path: SimpleNamespace(free=1 << 20))
+    out = tmp_path / "m.pt2"
+    assert main(["export", "--checkpoint", str(small_run), "--format", "pt2", "--out", str(out), "--no-check"]) == 2
+    assert capsys.readouterr().err == (f"fastft: error: {out}: disk full: the file needs about 42.7 MB and "
+                                       f"{tmp_path} has 1.0 MB free; free space there\n")
+    assert not any(tmp_path.glob("m*"))
+
+
+def test_a_dali_copy_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """Imitated: DALI's converted copies (the decode cache on disk) meet ENOSPC."""
+    from fastft.data import layout as layout_module
+    from fastft.data.layout import DatasetLayout
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+
+    def full(path, cache_dir):
+        raise OSError(errno.ENOSPC, "No space left on device", str(cache_dir / "converted" / "x.png"))
+    monkeypatch.setattr(layout_module, "rgb_copy", full)
+    layout = DatasetLayout(tmp_path, ("a",), {"train": ((image, 0),)}, dali_copies=frozenset({image}))
+    with pytest.raises(WriteError, match=rf"^{re.escape(str(tmp_path / 'c' / 'converted'))}: disk full: "):
+        layout.dali_files("train", tmp_path / "c")
 
 
 def _train_args(tiny_data, imagenet_like, run: Path, epochs: int) -> list[str]:
