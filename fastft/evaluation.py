@@ -48,6 +48,7 @@ from fastft.data.images import shown_path
 from fastft.data.layout import DatasetLayout
 from fastft.errors import CheckpointError, ConfigError
 from fastft.eval_inputs import dataset_folder, load_source, split_layout
+from fastft.run_faults import out_of_memory_is_one_line
 from fastft.safe_write import check_writable, failure, replacing
 
 EVAL_LOADERS = ("torch", "dali", "cached")
@@ -213,7 +214,8 @@ def probabilities(model: torch.nn.Module, loaders, progress: bool) -> tuple[torc
 
 def evaluate(opts: EvalOptions) -> Evaluation:
     """Run the model over a split and score it. Raises CheckpointError, WeightsError, DataError
-    and ConfigError (one line each) for a missing model, a bad data folder or bad options."""
+    and ConfigError (one line each) for a missing model, a bad data folder or bad options, and
+    ResourceError for a --batch-size that does not fit in memory."""
     _check_options(opts)
     source = Path(opts.checkpoint)
     state = {**load_source(source, opts.data is not None), "source": source}
@@ -223,7 +225,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     rt = _runtime(opts.device)
     size = int(config["image_size"])
     loaders = make_loaders(opts.loader, layout, size, opts.batch_size, rt, opts.progress)
-    probs, labels = probabilities(load_model(state, rt.device), loaders, opts.progress)
+    with out_of_memory_is_one_line(opts.batch_size, size, rt.device):  # names the --batch-size that fits
+        probs, labels = probabilities(load_model(state, rt.device), loaders, opts.progress)
     paths = [path for path, _ in layout.files["test"]]
     expected = torch.tensor([label for _, label in layout.files["test"]], dtype=torch.int64)
     if not torch.equal(labels, expected):  # the order every prediction is paired with its file by

@@ -125,8 +125,9 @@ def fitting_share(tried: int | None, memory: Memory | None, step_pixels: int, ba
 
 
 def oom_line(exc: BaseException, batch: int, image_size: int, world_size: int, device: torch.device,
-             memory: Memory | None, base: int = 0) -> str:
-    """One line: where memory ran out, at which batch and image size, and what should fit.
+             memory: Memory | None, base: int = 0, size_is_an_option: bool = True) -> str:
+    """One line: where memory ran out, at which batch and image size, and what should fit
+    (`size_is_an_option` False: the image size is the run's, as in eval: the batch only).
 
     Activation memory grows with images x pixels, so a share s of it fits at batch x s, or at the
     same batch with a side of size x sqrt(s) (rounded down to SIZE_STEP); s from fitting_share."""
@@ -137,12 +138,25 @@ def oom_line(exc: BaseException, batch: int, image_size: int, world_size: int, d
     fit_size = max(SIZE_STEP, math.floor(image_size * math.sqrt(share) / SIZE_STEP) * SIZE_STEP)
     shape = f"batch {batch}" + (f" ({per_process} per process)" if world_size > 1 else "")
     asked = f" (it asked for {human_bytes(tried)} more)" if tried else ""
-    options = [f"--image-size {fit_size} at batch {batch}"] if fit_size < image_size else []
+    options = [f"--image-size {fit_size} at batch {batch}"] if fit_size < image_size and size_is_an_option else []
     if fit_batch < batch:
         options.insert(0, f"--batch-size {fit_batch}")
     advice = f"try {' or '.join(options)}" if options else "no smaller setting is left; use a larger machine"
     return (f"out of memory on {device} at {shape} of {image_size} px images{asked}; memory grows with "
             f"batch x image side^2: {advice}")
+
+
+@contextmanager
+def out_of_memory_is_one_line(batch: int, image_size: int, device: torch.device):
+    """For eval's forward passes: an out-of-memory error becomes a ResourceError naming the batch,
+    the run's image size and the --batch-size that should fit."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise ResourceError(oom_line(exc, batch, image_size, 1, device, memory_now(device),
+                                     size_is_an_option=False)) from exc
 
 
 def resume_command(run_dir: Path, world_size: int) -> str:

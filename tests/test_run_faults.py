@@ -93,6 +93,22 @@ def test_an_error_that_is_not_out_of_memory_passes_through(tiny_data, imagenet_l
         main(train_args(tiny_data, imagenet_like, tmp_path / "run"))
 
 
+def test_an_eval_batch_that_does_not_fit_names_the_batch_size_only(tiny_data, tmp_path, monkeypatch, capsys):
+    """eval's image size is the run's, so only --batch-size is suggested."""
+    from test_export import make_run
+    run = make_run(tmp_path / "run", tiny_data)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(CPU_OOM)
+    monkeypatch.setattr("fastft.evaluation.probabilities", no_memory)
+    monkeypatch.setattr(run_faults, "memory_now", lambda device: None)
+    assert main(["eval", "--checkpoint", str(run), "--data", str(tiny_data), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("fastft: error: out of memory on cpu at batch 64 of 32 px images (it asked "
+                                       "for 3.0 GB more); memory grows with batch x image side^2: try "
+                                       "--batch-size 32\n")
+    assert not (tmp_path / "out").exists()
+
+
 # --- item 8: Ctrl-C -----------------------------------------------------------------------
 def test_ctrl_c_in_the_first_epoch_says_nothing_was_saved(tiny_data, imagenet_like, tmp_path, monkeypatch, capsys):
     fail_at_step(monkeypatch, 2, KeyboardInterrupt())

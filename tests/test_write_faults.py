@@ -360,8 +360,15 @@ def test_export_plot_and_eval_into_a_read_only_folder_are_one_line(small_run, tm
     assert not any(place.iterdir())
 
 
+def _dali_imports() -> bool:
+    from fastft.data import dali_available
+    return dali_available()
+
+
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(
+    not _dali_imports(), reason="nvidia.dali does not import here"))])
 def test_a_read_only_cache_falls_back_to_a_temporary_one_with_one_warning(tiny_data, imagenet_like, tmp_path,
-                                                                         monkeypatch, mounts, capsys, how):
+                                                                         monkeypatch, mounts, capsys, how, loader):
     """DALI's converted copies, the synthetic set and the compile cache live in the cache folder."""
     import tempfile
     cache = tmp_path / "xdg"
@@ -373,6 +380,7 @@ def test_a_read_only_cache_falls_back_to_a_temporary_one_with_one_warning(tiny_d
     run = tmp_path / "run"
     args = _train_args(tiny_data, imagenet_like, run, 1)
     args[args.index("--data") + 1] = "synthetic"
+    args[args.index("--loader") + 1] = loader
     assert main([*args, "--synth-train", "16", "--synth-test", "8"]) == 0
     err = capsys.readouterr().err
     fallback = tmp_path / "tmp" / f"fastft-cache-{os.getuid()}"
@@ -381,3 +389,18 @@ def test_a_read_only_cache_falls_back_to_a_temporary_one_with_one_warning(tiny_d
             f"this run caches in {fallback} instead; set XDG_CACHE_HOME to a writable folder to keep the cache"
             in err.splitlines())
     assert (fallback / "synthetic-s0-16-8").is_dir() and load_checkpoint(run)["epoch"] == 1
+
+
+def test_tensorboard_in_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    """Imitated: the event writer's folder cannot be made (EROFS), as in a run folder that turned
+    read-only after the preflight."""
+    from fastft.tensorboard_log import TensorBoardLog
+    pytest.importorskip("tensorboard")
+    log = TensorBoardLog(tmp_path / "tb")
+
+    def read_only_writer(log_dir, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", log_dir)
+    log.writer_class = read_only_writer
+    with pytest.raises(WriteError, match=rf"^{re.escape(str(tmp_path / 'tb'))}: cannot write: "
+                                         rf"{re.escape(str(tmp_path))} is on a read-only file system$"):
+        log.add_epoch({"epoch": 1, "train_loss": 0.5}, [0.1])
