@@ -23,7 +23,7 @@ from fastft.checkpoint import CheckpointWriter, load_checkpoint
 from fastft.cli import main
 from fastft.engine import Trainer, train
 from fastft import safe_write
-from fastft.errors import CheckpointError, WriteError
+from fastft.errors import WriteError
 
 
 def metrics(run: Path) -> list[dict]:
