@@ -213,11 +213,13 @@ def replacing(path: Path, needed: int | None = None, tmp: Path | None = None) ->
 @contextmanager
 def writing(path: Path, needed: int | None = None) -> Iterator[None]:
     """Maps a write failure inside the block to WriteError, for files written in place (an
-    appended log line, TensorBoard's event file)."""
+    appended log line, TensorBoard's event file); the file named is the one the OSError names,
+    else `path`."""
     try:
         yield
     except BaseException as exc:
-        error = failure(path, exc, needed)
+        named = getattr(exc, "filename", None)  # the file an OSError names, inside the folder given
+        error = failure(Path(named) if isinstance(named, str) else path, exc, needed)
         if error is None:
             raise
         raise error from exc

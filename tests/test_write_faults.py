@@ -236,7 +236,7 @@ def test_a_dali_copy_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device", str(cache_dir / "converted" / "x.png"))
     monkeypatch.setattr(layout_module, "rgb_copy", full)
     layout = DatasetLayout(tmp_path, ("a",), {"train": ((image, 0),)}, dali_copies=frozenset({image}))
-    with pytest.raises(WriteError, match=rf"^{re.escape(str(tmp_path / 'c' / 'converted'))}: disk full: "):
+    with pytest.raises(WriteError, match=rf"^{re.escape(str(tmp_path / 'c' / 'converted' / 'x.png'))}: disk full: "):
         layout.dali_files("train", tmp_path / "c")
 
 
