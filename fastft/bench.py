@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fastft.config import TrainConfig
 from fastft.errors import ConfigError, FastftError
+from fastft.safe_write import check_writable, replacing, write_text_atomic
 
 STRATEGIES = ("finetune", "frozen", "hotdog", "scratch", "partial:2")
 REFERENCE = dict(loader="torch", amp="off", channels_last=False, compile=False, fast_frozen=False,
@@ -303,9 +304,8 @@ def _settings(settings: dict) -> str:
 
 
 def write_json(result: dict, path: Path) -> None:
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    """Via PATH.tmp renamed over `path`; a full disk or read-only folder is one WriteError line."""
+    write_text_atomic(Path(path), json.dumps(result, indent=2) + "\n")
 
 
 def require_matplotlib():
@@ -335,14 +335,20 @@ def plot(result: dict, path: Path) -> None:
     h = result["header"]
     fig.suptitle(f"{h['device']}: {h['image_size']} px, batch {h['batch_size']}, {h['repeats']} repeat(s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with replacing(path) as tmp:  # a failed write keeps no half PNG and is one line
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def bench_main(spec: BenchSpec, json_path: Path | None = None, plot_path: Path | None = None) -> int:
     """The CLI's job: run, print the table, write JSON/PNG. Exit 1 if a strategy failed."""
     if plot_path:
         require_matplotlib()  # before minutes of running, not after
+    for flag, target in (("--json", json_path), ("--plot", plot_path)):
+        if target:  # a read-only folder, said before minutes of running
+            check_writable(Path(target).absolute().parent, f"{flag} {target}")
     print(f"fastft bench: {len(spec.strategies)} strategies x 2 variants x {spec.repeats} repeat(s)...", flush=True)
     save = (lambda result: write_json(result, json_path)) if json_path else None
     result = run_bench(spec, on_row=save)

@@ -12,7 +12,6 @@ background thread, so training goes on while the ~45 MB file reaches the disk.
 from __future__ import annotations
 
 import copy
-import os
 import random
 import threading
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from fastft.errors import CheckpointError
 from fastft.model import load_failure, load_weights_only
+from fastft.safe_write import write_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -32,33 +32,28 @@ def checkpoint_path(run_dir: str | Path) -> Path:
 def save_atomic(state: dict, path: Path) -> None:
     """Write `state` to `path` via `path.tmp`, fsync and rename: the old file stays whole until the rename.
 
-    A leftover `.tmp` from a killed write is truncated by the next write and never read.
+    A leftover `.tmp` from a killed write is truncated by the next write and never read. Raises
+    WriteError (one line: the bytes needed and free) for a full disk or a folder that cannot be
+    written; torch reports those as RuntimeError ("enforce fail at inline_container.cc").
     """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves no half file beside the last good one
-        raise
-    _fsync_dir(path.parent)
+    write_atomic(path, lambda stream: torch.save(state, stream), state_bytes(state))
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX: a directory entry survives a power cut once synced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a platform that cannot open folders (Windows): the rename is all there is
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def state_bytes(state) -> int:
+    """Bytes torch.save will write for `state`, about: its tensors' storages, each counted once
+    (views share one), plus 64 KB for the pickle and the zip's records."""
+    storages = {}
+    stack = [state]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[(value.device, storage.data_ptr())] = storage.nbytes()
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return sum(storages.values()) + (64 << 10)
 
 
 def cpu_snapshot(state):
@@ -104,23 +99,24 @@ class CheckpointWriter:
     `save` copies the state synchronously, waits for the previous write (never two at once, and at
     most one snapshot held while it waits), then starts the write and returns. Waiting rather than
     coalescing keeps every requested checkpoint: the file on disk only moves forward, epoch by epoch.
-    `wait` blocks until the write in flight has finished and raises its error, if any:
-    CheckpointError for an OSError (a full disk, a read-only folder); anything else as raised.
+    `wait` blocks until the write in flight has finished and raises its error, if any: WriteError
+    for a full disk or a read-only folder (the file on disk is then the last one written, whose
+    epoch `saved_epoch` holds); anything else as raised.
     The thread is not a daemon, so even an unhandled error lets the write finish before exit.
     """
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._path: Path | None = None
+        self.saved_epoch: int | None = None  # the epoch of the last checkpoint this writer landed
 
     def save(self, state: dict, path: Path, background: bool = True) -> None:
         self.wait()
         if not background:
             save_atomic(state, path)
+            self.saved_epoch = state.get("epoch")
             return
         snapshot = cpu_snapshot(state)
-        self._path = path
         self._thread = threading.Thread(target=self._write, args=(snapshot, path),
                                         name="fastft-checkpoint", daemon=False)
         self._thread.start()
@@ -128,6 +124,7 @@ class CheckpointWriter:
     def _write(self, snapshot: dict, path: Path) -> None:
         try:
             save_atomic(snapshot, path)
+            self.saved_epoch = snapshot.get("epoch")
         except BaseException as exc:  # handed to the training thread by wait()
             self._error = exc
 
@@ -136,8 +133,6 @@ class CheckpointWriter:
             self._thread.join()
             self._thread = None
         error, self._error = self._error, None
-        if isinstance(error, OSError):
-            raise CheckpointError(f"{self._path}: checkpoint write failed ({error})") from error
         if error is not None:
             raise error
 

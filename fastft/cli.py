@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fastft import __version__
 from fastft.config import TrainConfig
-from fastft.errors import FastftError
+from fastft.errors import FastftError, Interrupted
 
 S = argparse.SUPPRESS  # options the user did not type stay out of the namespace
 IMPORTED_AT = time.perf_counter()  # a job's origin where /proc cannot say when the process started
@@ -380,6 +380,6 @@ def main(argv: list[str] | None = None) -> int:
     except FastftError as exc:
         print(f"fastft: error: {_rank_prefix()}{exc.one_line()}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("fastft: interrupted; the last saved checkpoint is intact", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a run says what it saved (fastft.run_faults); others saved nothing
+        print(f"fastft: {exc if isinstance(exc, Interrupted) else 'interrupted'}", file=sys.stderr)
         return 130

@@ -91,8 +91,11 @@ def is_warm(key: dict, env=os.environ) -> bool:
 def mark_warm(key: dict, env=os.environ) -> None:
     """Record that the cache now holds this configuration's graphs (after a compiled run)."""
     path = _marker(key, env)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(key, sort_keys=True) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(key, sort_keys=True) + "\n")
+    except OSError:  # a full or read-only cache: the next run only guesses the compile cold
+        pass
 
 
 @dataclass(frozen=True)

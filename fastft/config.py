@@ -31,7 +31,14 @@ SYNTHETIC = "synthetic"  # --data's name for the generated set (fastft.data.SYNT
 
 
 def default_cache_dir() -> Path:
-    """Where datasets live: $XDG_CACHE_HOME/fastft, else ~/.cache/fastft."""
+    """Where datasets live: $XDG_CACHE_HOME/fastft, else ~/.cache/fastft; where that cannot be
+    written (a read-only file system), a temporary folder (fastft.safe_write.usable_cache_dir)."""
+    from fastft.safe_write import usable_cache_dir
+    return usable_cache_dir(preferred_cache_dir())
+
+
+def preferred_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/fastft, else ~/.cache/fastft, whether or not it can be written."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "fastft"
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from fastft.errors import CheckpointError, ConfigError
+from fastft.safe_write import check_writable, replacing
 
 CURVES_NAME = "curves.png"
 METRICS = (("train_loss", "train loss"), ("train_acc", "train acc"), ("test_acc", "test acc"))
@@ -143,16 +143,11 @@ def overlay_figure(runs: list[tuple[str, list[dict]]]):
 
 def save_png(figure, path: Path) -> Path:
     """Write `figure` as a PNG to `path` atomically: to `path.tmp`, then renamed over `path`, so a
-    run killed mid-write keeps its last whole figure (a leftover .tmp is overwritten next time)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    run killed mid-write keeps its last whole figure (a leftover .tmp is overwritten next time).
+    Raises WriteError (one line) for a full disk or a folder that cannot be written."""
+    with replacing(path) as tmp:
         figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves no half file beside the last whole one
-        raise
-    return path
+    return Path(path)
 
 
 def write_run_curves(run_dir: Path, title: str = "", epochs: int = 0) -> Path:
@@ -184,11 +179,13 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     """`fastft plot`: the runs' curves overlaid in one PNG at `out`, written atomically.
 
-    Raises CheckpointError for a bad run folder, ConfigError for a missing output folder and
-    MatplotlibMissing, each before anything is written."""
+    Raises CheckpointError for a bad run folder, ConfigError for a missing output folder,
+    WriteError for one that cannot be written, and MatplotlibMissing, each before anything is
+    written; WriteError for a disk that fills while writing."""
     run_dirs, out = [Path(d) for d in run_dirs], Path(out)
     records = [read_metrics(d) for d in run_dirs]
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
+    check_writable(out.parent, f"--out {out}")  # before matplotlib's import and the drawing
     figure = overlay_figure(list(zip(run_labels(run_dirs), records)))
     return save_png(figure, out)

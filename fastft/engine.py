@@ -39,7 +39,8 @@ from fastft.optim import build_optimizer
 from fastft.phases import PhaseClock
 from fastft.report import Reporter, precision_line
 from fastft.resources import compiled_graphs, peak_memory, reset_peak_memory
-from fastft.rundir import adopt_saved_config, choose_run_dir
+from fastft.rundir import adopt_saved_config, cache_notes, choose_run_dir
+from fastft.run_faults import guard
 from fastft.runtime import cudnn_benchmark, pick_device, resolve_runtime
 from fastft.strategy import get_strategy
 from fastft.timing import EpochTiming, StepClock, steady_rates, sync
@@ -77,7 +78,8 @@ class Trainer:
         self._check_distributed_settings()
         # --tensorboard's package is checked here, before any data work.
         self.reporter = Reporter(self.run_dir, self.rt.is_main, tensorboard=self.cfg.tensorboard)
-        for line in warnings:
+        self.reporter.say(f"run folder: {self.run_dir}")  # first, so a stopped run can be found
+        for line in [*warnings, *cache_notes()]:
             self.reporter.warn(line)
         self.strategy = get_strategy(self.cfg.strategy)  # a typo fails before any data work
         self.peak_reset = reset_peak_memory(self.rt.device)  # False: the peak covers earlier runs too
@@ -447,6 +449,8 @@ class Trainer:
 
 def train(cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None) -> dict:
     """One run; `job_start` (perf_counter scale) is where summary.json's job_s counts from."""
-    summary = Trainer(cfg, typed, job_start).setup().fit()
+    trainer = Trainer(cfg, typed, job_start)
+    with guard(trainer):  # out of memory, Ctrl-C, a full disk: one line on what was saved (run_faults)
+        summary = trainer.setup().fit()
     distributed.stop()
     return summary

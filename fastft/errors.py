@@ -29,3 +29,26 @@ class CheckpointError(FastftError):
 
 class ConfigError(FastftError):
     """Options that contradict each other or the machine."""
+
+
+class WriteError(FastftError):
+    """A file cannot be written: its disk is full, its folder read-only or not ours to write.
+
+    `path` is the file, `needed` the bytes the write needed (None where unknown). The message is
+    one line; `with_note` adds what the caller knows (the checkpoint that is still intact, the
+    command that resumes)."""
+
+    def __init__(self, message: str, path=None, needed: int | None = None):
+        super().__init__(message)
+        self.path, self.needed = path, needed
+
+    def with_note(self, note: str) -> "WriteError":
+        return WriteError(f"{self}; {note}", self.path, self.needed)
+
+
+class ResourceError(FastftError):
+    """The machine ran out of something a run needs (memory) at the settings given."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying the one line that says what was saved and how to continue."""

@@ -48,6 +48,8 @@ from fastft.data.images import shown_path
 from fastft.data.layout import DatasetLayout
 from fastft.errors import CheckpointError, ConfigError
 from fastft.eval_inputs import dataset_folder, load_source, split_layout
+from fastft.run_faults import out_of_memory_is_one_line
+from fastft.safe_write import check_writable, failure, replacing
 
 EVAL_LOADERS = ("torch", "dali", "cached")
 SPLITS = ("test", "train")
@@ -212,7 +214,8 @@ def probabilities(model: torch.nn.Module, loaders, progress: bool) -> tuple[torc
 
 def evaluate(opts: EvalOptions) -> Evaluation:
     """Run the model over a split and score it. Raises CheckpointError, WeightsError, DataError
-    and ConfigError (one line each) for a missing model, a bad data folder or bad options."""
+    and ConfigError (one line each) for a missing model, a bad data folder or bad options, and
+    ResourceError for a --batch-size that does not fit in memory."""
     _check_options(opts)
     source = Path(opts.checkpoint)
     state = {**load_source(source, opts.data is not None), "source": source}
@@ -222,7 +225,8 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     rt = _runtime(opts.device)
     size = int(config["image_size"])
     loaders = make_loaders(opts.loader, layout, size, opts.batch_size, rt, opts.progress)
-    probs, labels = probabilities(load_model(state, rt.device), loaders, opts.progress)
+    with out_of_memory_is_one_line(opts.batch_size, size, rt.device):  # names the --batch-size that fits
+        probs, labels = probabilities(load_model(state, rt.device), loaders, opts.progress)
     paths = [path for path, _ in layout.files["test"]]
     expected = torch.tensor([label for _, label in layout.files["test"]], dtype=torch.int64)
     if not torch.equal(labels, expected):  # the order every prediction is paired with its file by
@@ -317,7 +321,8 @@ def plot_confusion(new_figure, ev: Evaluation, path: Path) -> None:
     s = ev.scores
     ax.set_title(f"accuracy {s.accuracy:.3f} ({s.correct} of {sum(s.support)})")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with replacing(path) as tmp:  # a failed write keeps no half PNG
+        fig.savefig(tmp, dpi=DPI, format="png")
 
 
 def plot_mistakes(new_figure, ev: Evaluation, path: Path) -> None:
@@ -342,7 +347,8 @@ def plot_mistakes(new_figure, ev: Evaluation, path: Path) -> None:
         ax.set_xlabel(f"true: {ev.classes[m.true]}\npred: {ev.classes[m.predicted]} {m.probability:.3f}",
                       fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    with replacing(path) as tmp:  # a failed write keeps no half PNG
+        fig.savefig(tmp, dpi=DPI, format="png")
 
 
 def default_out(checkpoint: Path, split: str) -> Path:
@@ -353,7 +359,8 @@ def default_out(checkpoint: Path, split: str) -> Path:
 
 def check_out(out: Path) -> None:
     """Raise a one-line ConfigError, before any work, where `out` cannot be eval's folder: it or
-    the nearest folder above it that exists is a file, or one of EVAL_FILES in it is not a file."""
+    the nearest folder above it that exists is a file, or one of EVAL_FILES in it is not a file;
+    a one-line WriteError where it cannot be written (a read-only file system, no permission)."""
     for folder in (out, *out.parents):
         if folder.exists():
             if not folder.is_dir():
@@ -363,6 +370,7 @@ def check_out(out: Path) -> None:
     for name in EVAL_FILES:
         if (out / name).exists() and not (out / name).is_file():
             raise ConfigError(f"--out {shown_path(out)}: {name} there is not a file, so eval cannot replace it")
+    check_writable(out, f"--out {shown_path(out)}")  # a read-only folder: said before the model loads
 
 
 def _remove_earlier(out: Path) -> tuple[list[str], str]:
@@ -382,8 +390,8 @@ def save(ev: Evaluation, out: Path) -> list[str]:
     """Write eval.json, confusion.png and (with mistakes) mistakes.png into `out`, replacing
     every file of an earlier eval there (EVAL_FILES) and no other; eval.json last, so PNGs
     beside an eval.json are its own. Returns the lines saying what was replaced and written,
-    or how to get the PNGs where matplotlib is missing. Raises ConfigError (one line) where
-    the folder cannot be written."""
+    or how to get the PNGs where matplotlib is missing. Raises WriteError (one line) where
+    the folder cannot be written or the disk fills."""
     from fastft.report import write_json_atomic
     new_figure = _figure_maker()
     written = ["eval.json"]
@@ -397,9 +405,8 @@ def save(ev: Evaluation, out: Path) -> list[str]:
                 plot_mistakes(new_figure, ev, out / "mistakes.png")
                 written.append("mistakes.png")
         write_json_atomic(out / "eval.json", as_json(ev))
-    except OSError as exc:
-        raise ConfigError(f"{shown_path(exc.filename or out)}: cannot write eval's results "
-                          f"({exc.strerror or exc})") from exc
+    except OSError as exc:  # a full disk, a folder that turned read-only: one line, as every writer
+        raise failure(Path(exc.filename or out), exc) from exc
     lines = [f"wrote {', '.join(written)} to {shown_path(out)}"]
     if earlier:
         gone = [name for name in earlier if name not in written]

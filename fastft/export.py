@@ -45,9 +45,10 @@ from fastft.curves import CURVES_NAME
 from fastft.data import SYNTHETIC
 from fastft.data.images import load_rgb
 from fastft.data.transforms import eval_transform
-from fastft.errors import ConfigError, DataError, FastftError
+from fastft.errors import ConfigError, DataError, FastftError, WriteError
 from fastft.predict import ORT_HINT, check_images, exported_logits, flat_reason, sidecar_path, trained_model
 from fastft.report import write_json_atomic
+from fastft.safe_write import check_writable, failure, remove_quietly
 from fastft.weights import MODEL_FILE, exportable_state, import_safetensors, model_card, write_model_file
 
 FORMATS = ("onnx", "pt2", "safetensors")  # each file's suffix is .FORMAT
@@ -101,16 +102,16 @@ def export_run(checkpoint: Path, fmt: str, out: Path | None = None, images: list
 
     Raises ConfigError (a package missing: onnx/onnxscript to export ONNX, onnxruntime to check
     it; an --out that output_path refuses, before anything is written), WeightsError
-    (safetensors missing), CheckpointError, DataError (a bad --images file) and ExportError (the
-    export failed, or its logits differ from PyTorch's by more than the tolerance: then no file
-    is left at `out`).
+    (safetensors missing), WriteError (the folder cannot be written, or fills), CheckpointError,
+    DataError (a bad --images file) and ExportError (the export failed, or its logits differ from
+    PyTorch's by more than the tolerance: then no file is left at `out`).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     _check_packages(fmt, check)
     model, state = trained_model(checkpoint)
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    path = output_path(run_dir, fmt, out)
+    path = output_path(run_dir, fmt, out)  # a folder that cannot be written: said before any export
     image_size = int(state["config"]["image_size"])
     card = model_card(list(state["classes"]), image_size, state["epoch"])
     x, inputs = check_inputs(run_dir, state, image_size, images)
@@ -121,8 +122,14 @@ def export_run(checkpoint: Path, fmt: str, out: Path | None = None, images: list
         export_s = time.perf_counter() - started
         checked = parity(model, x, tmp, fmt, inputs) if check else None
         os.replace(tmp, path)
+    except Exception as exc:  # a full disk or read-only folder: one line naming `path`, not the .tmp
+        written = failure(path, exc.__cause__ if isinstance(exc, WriteError) else exc,
+                          sum(t.nbytes for t in model.state_dict().values()))
+        if written is None:
+            raise
+        raise written from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)
     if fmt == "safetensors":
         return Exported(path, None, fmt, image_size, export_s, checked)
     sidecar = sidecar_path(path)
@@ -159,6 +166,7 @@ def output_path(run_dir: Path, fmt: str, out: Path | None) -> Path:
     --model takes the format from the suffix), its folder is missing, or it names one of
     RUN_FILES in a run's folder (the exported run's, or any holding a checkpoint or metrics):
     the run's own model.safetensors, --format safetensors' default, is the one file allowed.
+    A one-line WriteError where the folder cannot be written (read-only, not permitted).
     """
     default = run_dir / f"model.{fmt}"
     path = Path(out) if out is not None else default
@@ -168,6 +176,7 @@ def output_path(run_dir: Path, fmt: str, out: Path | None) -> Path:
         raise ConfigError(f"--out {path}: --format {fmt} writes a .{fmt} file, so --out must end in .{fmt}")
     if not path.parent.is_dir():
         raise ConfigError(f"--out {path}: folder {path.parent} does not exist")
+    check_writable(path.parent, f"--out {path}")
     in_a_run = path.parent.resolve() == run_dir.resolve() or any(
         (path.parent / name).is_file() for name in (CHECKPOINT_NAME, "metrics.jsonl"))
     if path.name in RUN_FILES and in_a_run and path.resolve() != default.resolve():
@@ -226,7 +235,9 @@ def run_test_images(run_dir: Path, state: dict) -> tuple[list[Path], str]:
 
 def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, fmt: str, card: dict) -> None:
     """Write `model` (fp32, CPU, eval) to `path`, traced on `sample` with the batch axis dynamic;
-    safetensors: its state_dict, `card` as the metadata (WeightsError, one line, on a failed write)."""
+    safetensors: its state_dict, `card` as the metadata. A write that fails (a full disk, a read-only
+    folder) is raised as it came, for export_run to name the file in one line; any other failure of
+    the exporter is an ExportError."""
     if fmt == "safetensors":
         write_model_file(path, exportable_state(model), card)
         return
@@ -239,6 +250,8 @@ def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, fmt: str, 
             else:
                 torch.export.save(torch.export.export(model, (sample,), dynamic_shapes=batch), str(path))
     except Exception as exc:  # the exporters raise their own types; a ResNet-18 should never get here
+        if failure(path, exc) is not None:  # a full disk, a read-only folder: said by export_run
+            raise
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ExportError(f"{fmt} export failed ({type(exc).__name__}: {reason})") from exc
 

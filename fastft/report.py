@@ -21,7 +21,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from fastft.curves import CURVES_NAME, MatplotlibMissing, write_run_curves
+from fastft.errors import WriteError
 from fastft.phases import phases_line
+from fastft.safe_write import write_text_atomic, writing
 from fastft.tensorboard_log import TB_DIR, TensorBoardLog
 
 
@@ -33,9 +35,24 @@ FIRST_DRAW_S = 1.0  # the first draw's guess: matplotlib's import (~0.8 s) and o
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """`obj` as indented JSON, via PATH.tmp renamed over `path`; WriteError (one line) on failure."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to `path`; on a failure (WriteError, one line) a part written is cut off
+    again, so the log keeps only whole lines."""
+    size = path.stat().st_size if path.exists() else 0
+    data = (line + "\n").encode()
+    try:
+        with writing(path, len(data)), open(path, "ab") as handle:
+            handle.write(data)
+    except WriteError:
+        try:
+            os.truncate(path, size)
+        except OSError:
+            pass
+        raise
 
 
 def precision_line(requested: str, resolved: str, device_type: str) -> str:
@@ -102,14 +119,13 @@ class Reporter:
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
                 if (record := _parse(line)) is not None and record.get("epoch", 0) <= epoch]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
 
     def append_metrics(self, record: dict) -> None:
         """Log one epoch: its metrics line, then curves.png redrawn from every line, then TensorBoard."""
         if not self.enabled:
             return
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        append_line(self.metrics_path, json.dumps(record, sort_keys=True))
         self.undrawn = True
         if self.draw_s <= CURVES_SHARE * (time.perf_counter() - self.drawn_at):
             self.write_curves()

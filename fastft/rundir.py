@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from fastft.checkpoint import checkpoint_path
-from fastft.config import TrainConfig
+from fastft.config import TrainConfig, preferred_cache_dir
 from fastft.errors import CheckpointError, ConfigError
+from fastft.safe_write import cache_fallback_note, check_writable, shown
 
 # A resumed run takes these from the command line when typed there (a longer run, a moved
 # dataset, another machine); every other setting comes from its checkpoint.
@@ -20,6 +21,9 @@ RUNTIME_FIELDS = ("epochs", "data", "device", "compile", "workers", "compile_mod
 ALWAYS_GIVEN = ("out", "resume")
 
 def choose_run_dir(cfg: TrainConfig) -> Path:
+    """The run's folder: --out, else runs/STRATEGY-TIME. Raises ConfigError / CheckpointError for a
+    --resume with nothing to resume or a new run over a saved one, WriteError for a folder that
+    cannot be written (read-only, not permitted); each before any data or model work."""
     if cfg.resume and not cfg.out:
         raise ConfigError("--resume needs --out RUN_DIR, the folder of the run to continue")
     name = f"{cfg.strategy.replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -29,6 +33,8 @@ def choose_run_dir(cfg: TrainConfig) -> Path:
         raise CheckpointError(f"{run_dir}: nothing to resume (no {checkpoint_path(run_dir).name})")
     if not cfg.resume and has_checkpoint:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    # Every file of the run goes here: a read-only place is said now, not after an epoch's work.
+    check_writable(run_dir, f"--out {shown(run_dir)}" if cfg.out else f"run folder {shown(run_dir)}")
     return run_dir  # created once the run is set up, so a failed start leaves no empty folder
 
 
@@ -48,3 +54,9 @@ def adopt_saved_config(given: TrainConfig, saved: dict,
             warnings.append(f"ignoring --{field.replace('_', '-')} {value}: "
                             f"the run being resumed uses {saved.get(field)!r}")
     return merged, warnings
+
+
+def cache_notes() -> list[str]:
+    """A warning line where fastft's cache folder cannot be written and a temporary one is used."""
+    note = cache_fallback_note(preferred_cache_dir())
+    return [note] if note else []

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastft.errors import ConfigError
+from fastft.safe_write import writing
 
 TB_DIR = "tb"
 # metrics.jsonl key -> TensorBoard tag; tags group by their prefix in TensorBoard's scalar view.
@@ -49,6 +50,10 @@ class TensorBoardLog:
     def add_epoch(self, record: dict, lrs: list[float]) -> None:
         """One metrics.jsonl record (needs "epoch"; the keys of SCALARS present are written) and
         the parameter groups' learning rates, at step = record["epoch"]; flushed at once."""
+        with writing(self.log_dir):  # a full disk or read-only folder: one line
+            self._add(record, lrs)
+
+    def _add(self, record: dict, lrs: list[float]) -> None:
         step = int(record["epoch"])
         if self.writer is None:
             # purge_step: TensorBoard hides events at steps >= this one from earlier event files,
@@ -63,5 +68,6 @@ class TensorBoardLog:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            with writing(self.log_dir):
+                writer.close()

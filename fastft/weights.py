@@ -16,7 +16,6 @@ reading one runs no code. The package is optional (`pip install safetensors`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from fastft import __version__
 from fastft.config import eval_resize_px
 from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastft.errors import WeightsError
+from fastft.safe_write import write_bytes_atomic
 
 MODEL_FILE = "model.safetensors"
 ARCH = "resnet18"
@@ -91,7 +91,7 @@ def save_run_weights(run_dir: Path, model: torch.nn.Module, classes, image_size:
     """Write RUN_DIR/model.safetensors (rank 0 calls it once, with the run's last checkpoint).
 
     Returns a one-line warning instead when safetensors is not installed: the run's result stands
-    without this file. Raises WeightsError when the write itself fails (a full disk).
+    without this file. Raises WriteError when the write itself fails (a full disk).
     """
     path = Path(run_dir) / MODEL_FILE
     try:
@@ -104,23 +104,11 @@ def save_run_weights(run_dir: Path, model: torch.nn.Module, classes, image_size:
 
 def write_model_file(path: Path, state: dict[str, torch.Tensor], card: dict) -> None:
     """Write `state` and `card` to `path` via `path.tmp`, fsync and rename (the old file stays
-    whole until the rename). Raises WeightsError when safetensors is missing or the write fails."""
+    whole until the rename). Raises WeightsError when safetensors is missing, WriteError (one line)
+    when the write fails (a full disk, a read-only folder)."""
     st = import_safetensors(f"writing {path.name}")
-    tmp = path.with_name(path.name + ".tmp")
     # save() to bytes, written here: save_file would create the file as 0600, not by the umask.
-    data = st.save(state, metadata=to_metadata(card))
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WeightsError(f"{path}: write failed ({exc.strerror or exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, st.save(state, metadata=to_metadata(card)), durable=True)
 
 
 def is_safetensors(path: Path) -> bool:

@@ -22,7 +22,8 @@ import fastft.checkpoint as ckpt
 from fastft.checkpoint import CheckpointWriter, load_checkpoint
 from fastft.cli import main
 from fastft.engine import Trainer, train
-from fastft.errors import CheckpointError
+from fastft import safe_write
+from fastft.errors import WriteError
 
 
 def metrics(run: Path) -> list[dict]:
@@ -78,9 +79,9 @@ def test_a_failed_background_write_keeps_the_last_checkpoint_and_no_tmp(tmp_path
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.os, "fsync", full_disk)
+    monkeypatch.setattr(safe_write.os, "fsync", full_disk)
     writer.save({**good, "epoch": 2}, path)
-    with pytest.raises(CheckpointError, match="checkpoint write failed.*No space left"):
+    with pytest.raises(WriteError, match=f"^{path}: disk full: the file needs about 64.0 KB and "):
         writer.wait()
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1 and tmp_files(tmp_path) == []
@@ -129,7 +130,7 @@ def test_save_every_2_then_a_crash_mid_write_resumes_exactly_from_epoch_2(make_c
 # opening of the .tmp, so the test knows which save is in flight when it kills the process.
 SLOW_WRITER = '''
 import sys, time
-import fastft.checkpoint as ckpt
+import fastft.safe_write as safe_write
 from fastft.cli import main
 
 LOG, CHUNK = sys.argv[1], 1 << 20
@@ -153,13 +154,13 @@ class SlowFile:
 
 def slow_open(path, mode="r", *args, **kwargs):
     handle = open(path, mode, *args, **kwargs)
-    if str(path).endswith(".tmp"):
+    if str(path).endswith("checkpoint.pt.tmp"):  # safe_write writes every file of the run
         with open(LOG, "a") as log:
             log.write("open\\n")
         return SlowFile(handle)
     return handle
 
-ckpt.open = slow_open
+safe_write.open = slow_open
 sys.exit(main(sys.argv[2:]))
 '''
 

@@ -13,6 +13,7 @@ import pytest
 from fastft.cli import main
 from fastft.curves import (CURVES_NAME, DPI, METRICS, OVERLAY_SIZE_IN, RUN_SIZE_IN, overlay_figure, read_metrics,
                            run_figure, run_labels)
+from fastft.errors import WriteError
 
 MATPLOTLIB_MODULES = ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg")
 needs_matplotlib = pytest.mark.skipif(find_spec("matplotlib") is None,
@@ -133,9 +134,9 @@ def test_a_failed_write_keeps_the_last_whole_png(trained, tmp_path, monkeypatch)
 
     def dies_midway(self, path, **kwargs):
         Path(path).write_bytes(b"\x89PNG half")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
     monkeypatch.setattr(Figure, "savefig", dies_midway)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match=f"^{trained / CURVES_NAME}: disk full: .* free; free space there$"):
         write_run_curves(trained)
     assert (trained / CURVES_NAME).read_bytes() == before and not list(trained.glob("*.tmp"))
 

@@ -29,6 +29,7 @@ from fastft.data.images import IMAGE_EXTENSIONS, decode_problem, image_note, nee
 from fastft.data.images import rgb_copy
 from fastft.data.images import shown_path as _shown
 from fastft.errors import DataError
+from fastft.safe_write import writing
 
 SPLITS = ("train", "test")
 # Decoding is mostly C code that releases the GIL; a few threads are enough
@@ -59,12 +60,14 @@ class DatasetLayout:
     def dali_files(self, split: str, cache_dir: Path | None = None) -> tuple[tuple[Path, int], ...]:
         """files[split] with each of `dali_copies` replaced by its RGB PNG copy under
         cache_dir/converted (default: fastft's cache folder), made on first use.
-        Raises DataError, naming the original, for a file load_rgb cannot map."""
+        Raises DataError, naming the original, for a file load_rgb cannot map; WriteError where
+        the copy cannot be written."""
         if not self.dali_copies:
             return self.files[split]
         cache_dir = cache_dir or default_cache_dir()
-        return tuple((rgb_copy(path, cache_dir) if path in self.dali_copies else path, label)
-                     for path, label in self.files[split])
+        with writing(cache_dir / "converted"):  # a full disk: one WriteError line (fastft.safe_write)
+            return tuple((rgb_copy(path, cache_dir) if path in self.dali_copies else path, label)
+                         for path, label in self.files[split])
 
 
 def _plural(n: int, word: str, words: str = "") -> str:
