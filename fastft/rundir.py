@@ -17,7 +17,8 @@ from fastft.errors import CheckpointError, ConfigError
 # dataset, another machine); every other setting comes from its checkpoint.
 RUNTIME_FIELDS = ("epochs", "data", "device", "compile", "workers", "compile_mode", "fast_frozen",
                   "decode_cache", "skip_bad", "dist_timeout_s", "save_every", "cache_gb", "tensorboard")
-ALWAYS_GIVEN = ("out", "resume")
+# threads: fitted to the machine as it is now, so auto (0) again unless typed.
+ALWAYS_GIVEN = ("out", "resume", "threads")
 
 def choose_run_dir(cfg: TrainConfig) -> Path:
     if cfg.resume and not cfg.out:

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset, a fake ImageNet checkpoint, tiny configs.
 
 Everything runs on the CPU in seconds: 32 px images, batch 8, no worker processes.
+The suite runs on fastft's own thread policy (fastft.threads), decided once per session.
 """
 
 from __future__ import annotations
@@ -15,6 +16,26 @@ import torchvision
 
 from fastft.config import TrainConfig
 from fastft.data.synth import write_synthetic
+from fastft.threads import ThreadChoice, choose_threads, measured_capacity
+
+THREADS = pytest.StashKey[ThreadChoice]()
+
+
+def pytest_configure(config):
+    """torch's threads for the whole session, from fastft's policy: the cores this process may use,
+    its quota and the other processes' load, read once here (0.25 s). Exported as OMP_NUM_THREADS,
+    so each Trainer and each `fastft` subprocess a test starts takes the same count without reading
+    the load again (which would differ from test to test on a shared machine). A value the user
+    set is kept, as fastft keeps it."""
+    import os
+    choice = choose_threads(measured_capacity())
+    config.stash[THREADS] = choice
+    os.environ["OMP_NUM_THREADS"] = str(choice.threads)
+    torch.set_num_threads(choice.threads)
+
+
+def pytest_report_header(config):
+    return f"fastft {config.stash[THREADS].line()}"
 
 
 @pytest.fixture(scope="session", autouse=True)
