@@ -42,7 +42,8 @@ from fastft.resources import compiled_graphs, peak_memory, reset_peak_memory
 from fastft.rundir import adopt_saved_config, choose_run_dir
 from fastft.runtime import cudnn_benchmark, pick_device, resolve_runtime
 from fastft.strategy import get_strategy
-from fastft.threads import Capacity, CpuSample, ThreadChoice, choose_threads, measured_capacity
+from fastft.threads import CpuSample, ThreadChoice
+from fastft.threads import decide as decide_threads
 from fastft.timing import EpochTiming, StepClock, steady_rates, sync
 from fastft.weights import save_run_weights
 
@@ -120,9 +121,7 @@ class Trainer:
         if self.rt.device.type == "cuda" and self.cfg.threads <= 0:
             self.threads = ThreadChoice(torch.get_num_threads(), "torch's default: the step runs on the GPU")
         else:
-            capacity = Capacity(cores=0) if self.cfg.threads > 0 else measured_capacity(
-                self.cpu_since, self.launch.local_world_size, side)
-            self.threads = choose_threads(capacity, self.cfg.threads)
+            self.threads = decide_threads(self.cpu_since, self.launch.local_world_size, side, self.cfg.threads)
             torch.set_num_threads(self.threads.threads)
         self.reporter.say(self.threads.line())
 

@@ -157,29 +157,45 @@ class Capacity:
     side: int = 0                  # fastft's threads/processes busy beside the step
 
 
-def choose_threads(capacity: Capacity, typed: int = 0, env: Mapping[str, str] | None = None) -> ThreadChoice:
-    """The intra-op thread count for the step, and why. `typed` > 0 is --threads; OMP_NUM_THREADS
-    in `env` (default os.environ) comes next. Otherwise the rule in the module doc.
-
-    A neighbour counts as a taken core when it keeps more than half a core busy (round): with
-    2 threads and a fully busy neighbour one thread waits at every region (2.7x slower than 1
-    thread), on a quiet machine 2 threads are 1.7x faster than 1; half a core busy is near where
-    the two cross. A quota is rounded up: throttling stops all of the group's threads together,
-    so no thread waits for a descheduled partner, and 2 threads in a 1.5-core quota do 1.5
-    cores' work.
-    """
+def override(typed: int = 0, env: Mapping[str, str] | None = None) -> ThreadChoice | None:
+    """The count the user gave: `typed` > 0 (--threads), else OMP_NUM_THREADS in `env` (default
+    os.environ); None where neither is given (or the variable is not a positive integer)."""
     env = os.environ if env is None else env
     if typed > 0:
         return ThreadChoice(typed, "--threads")
     omp = env.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) > 0:
         return ThreadChoice(int(omp), f"OMP_NUM_THREADS={omp} in the environment")
+    return None
+
+
+def choose_threads(capacity: Capacity, typed: int = 0, env: Mapping[str, str] | None = None) -> ThreadChoice:
+    """The intra-op thread count for the step, and why: `override(typed, env)` if given, else the
+    rule in the module doc.
+
+    A neighbour counts as a taken core when it keeps more than half a core busy (round): with
+    2 threads and a fully busy neighbour one thread waits at every region (2.8-4.7x slower than
+    1 thread, docs/threads.md), on a quiet machine 2 threads are about 1.7x faster than 1
+    (issue 18); half a core busy is near where the two cross. A quota is rounded up: throttling
+    stops all of the group's threads together, so no thread waits for a descheduled partner,
+    and 2 threads in a 1.5-core quota do 1.5 cores' work.
+    """
+    given = override(typed, env)
+    if given:
+        return given
     c = capacity
     free = c.cores - (round(c.others) if c.others is not None else 0)
     if c.quota is not None:
         free = min(free, math.ceil(c.quota))
     threads = max(1, free // max(1, c.processes_here) - c.side)
     return ThreadChoice(threads, _reason(c))
+
+
+def decide(since: CpuSample | None = None, processes_here: int = 1, side: int = 0, typed: int = 0,
+           env: Mapping[str, str] | None = None) -> ThreadChoice:
+    """choose_threads on this machine, its capacity measured only where nothing overrides it
+    (so a run with --threads or OMP_NUM_THREADS never waits for a load reading)."""
+    return override(typed, env) or choose_threads(measured_capacity(since, processes_here, side), env={})
 
 
 def _reason(c: Capacity) -> str:

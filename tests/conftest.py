@@ -16,7 +16,7 @@ import torchvision
 
 from fastft.config import TrainConfig
 from fastft.data.synth import write_synthetic
-from fastft.threads import ThreadChoice, choose_threads, measured_capacity
+from fastft.threads import ThreadChoice, decide
 
 THREADS = pytest.StashKey[ThreadChoice]()
 
@@ -28,7 +28,7 @@ def pytest_configure(config):
     the load again (which would differ from test to test on a shared machine). A value the user
     set is kept, as fastft keeps it."""
     import os
-    choice = choose_threads(measured_capacity())
+    choice = decide()
     config.stash[THREADS] = choice
     os.environ["OMP_NUM_THREADS"] = str(choice.threads)
     torch.set_num_threads(choice.threads)

@@ -35,6 +35,12 @@ def test_threads_follow_cores_quota_load_processes_and_side_threads(capacity, ex
     assert choose_threads(capacity, env=NO_ENV).threads == expected
 
 
+def test_an_override_skips_the_load_reading(monkeypatch):
+    monkeypatch.setattr(threads, "measured_capacity", lambda *a: pytest.fail("read the load"))
+    assert threads.decide(typed=3, env=NO_ENV).threads == 3
+    assert threads.decide(env={"OMP_NUM_THREADS": "2"}).threads == 2
+
+
 def test_typed_threads_win_then_omp_num_threads():
     busy = Capacity(cores=2, others=1.0)
     assert choose_threads(busy, typed=2, env={"OMP_NUM_THREADS": "1"}) == threads.ThreadChoice(2, "--threads")
@@ -153,14 +159,13 @@ def test_typed_threads_are_set_logged_and_recorded(make_cfg, restore_threads, ca
 
 def test_auto_threads_come_from_the_measured_capacity_with_the_loaders_workers(
         make_cfg, restore_threads, monkeypatch, capsys):
-    import fastft.engine as engine
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     seen = {}
 
     def fake_capacity(since, processes_here, side):
         seen.update(since=since, processes_here=processes_here, side=side)
         return Capacity(cores=4, others=1.0, window_s=2.0, side=side)
-    monkeypatch.setattr(engine, "measured_capacity", fake_capacity)
+    monkeypatch.setattr(threads, "measured_capacity", fake_capacity)
     trainer = Trainer(make_cfg(loader="torch", workers=1)).setup()
     assert seen["side"] == 1 and seen["processes_here"] == 1 and isinstance(seen["since"], CpuSample)
     assert torch.get_num_threads() == 2  # 4 cores - 1 busy - 1 worker
@@ -177,3 +182,14 @@ def test_cli_threads_flag_and_its_check(make_cfg, capsys):
     assert seen["cfg"].threads == 3 and "threads" in seen["typed"] and isinstance(seen["cpu_since"], CpuSample)
     assert cli.main(["train", "--threads", "-1", "--out", str(make_cfg().out)]) == 2
     assert capsys.readouterr().err.strip() == "fastft: error: --threads must be >= 0 (0 = auto), got -1"
+
+
+def test_a_resumed_run_decides_its_threads_again_unless_typed():
+    from fastft.config import TrainConfig
+    from fastft.rundir import adopt_saved_config
+    saved = TrainConfig(threads=2, lr=0.1).to_dict()
+    merged, warnings = adopt_saved_config(TrainConfig(out="r", resume=True), saved, frozenset({"out", "resume"}))
+    assert (merged.threads, merged.lr, warnings) == (0, 0.1, [])
+    merged, _ = adopt_saved_config(TrainConfig(out="r", resume=True, threads=1), saved,
+                                   frozenset({"out", "resume", "threads"}))
+    assert merged.threads == 1
