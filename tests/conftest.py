@@ -38,6 +38,32 @@ def pytest_report_header(config):
     return f"fastft {config.stash[THREADS].line()}"
 
 
+# The slowest tests, by node id prefix under tests/ (durations measured on a busy 2-core machine,
+# README "Run the tests"): whole training runs to convergence, torchrun jobs of several
+# processes, cold compiles. Marked here, in one place; `pytest -m "not slow"` leaves them out.
+SLOW = (
+    "test_convergence.py::",
+    "test_multinode.py::",
+    "test_ddp.py::",
+    "test_compile_graphs.py::test_each_piece_compiles",
+    "test_compile_graphs.py::test_a_frame_past_the_recompile_limit",
+    "test_speed_flags.py::test_a_speed_flag_takes_the_reference_step[compile]",
+    "test_compile_cache.py::test_a_second_compile_comes_from_the_cache",
+)
+
+
+@pytest.fixture(scope="session")
+def slow_prefixes() -> tuple[str, ...]:
+    """SLOW, for the test that checks it (two conftest modules make `from conftest import` ambiguous)."""
+    return SLOW
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.removeprefix("tests/").startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kept_compile_cache():
     """One Inductor cache for every test session on this machine, as a user's runs share one.
