@@ -45,6 +45,8 @@ SLOW = (
     "test_convergence.py::",
     "test_multinode.py::",
     "test_ddp.py::",
+    "test_cached_loader.py::test_four_gloo_processes",
+    "test_background_checkpoint.py::test_kill_9_during_a_background_write",
     "test_compile_graphs.py::test_each_piece_compiles",
     "test_compile_graphs.py::test_a_frame_past_the_recompile_limit",
     "test_speed_flags.py::test_a_speed_flag_takes_the_reference_step[compile]",
