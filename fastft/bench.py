@@ -4,16 +4,21 @@
     fastft bench --device cuda --image-size 224 --batch-size 256 --amp bf16 --repeats 3 \\
                  --json bench.json --plot bench.png
 
-Every strategy runs twice on the same data in the same process, through the
+Every strategy runs twice per round on the same data in the same process, through the
 engine (`Trainer(cfg).setup().fit()`), each run in its own temp folder and with
 Dynamo reset, so each compiles its own graphs:
-  fastft     fastft's defaults: loader auto, amp auto, channels_last, compile auto, fast_frozen;
-  reference  the chapter's way: torch/PIL loader, fp32, NCHW, eager, no fast path.
+  fastft     fastft's defaults: loader auto, amp auto, channels_last, compile auto, fast_frozen,
+             threads auto (fastft.threads);
+  reference  the chapter's way: torch/PIL loader, fp32, NCHW, eager, no fast path, torch's
+             default thread count (what the chapter's code gets in this process).
+The rounds interleave the variants (reference first in even rounds, fastft first in odd ones),
+and each speedup is the median over rounds of that round's ratio, as the regression gate's
+ratios are (tests/benchmarks): a neighbour's load falls on both runs of a round alike.
 Rates are the engine's steady ones (warm-up epoch, or first step, excluded; see
 fastft.timing); compile time is reported on its own. The whole-job columns are each
 run's summary `job_s`: from the Trainer's own start to its summary, since a bench run
 shares one process and has no process start of its own (so no import time is in it;
-`bench/job_ceiling.py` times `fastft train` as a whole process). With --repeats N the table
+`bench/job_ceiling.py` times `fastft train` as a whole process). With --repeats N (rounds) the table
 shows the median and the min-max spread. Weights are random: the timing of a
 step does not depend on them, and it keeps the bench offline.
 """
@@ -21,6 +26,7 @@ step does not depend on them, and it keeps the bench offline.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -39,7 +45,10 @@ REFERENCE = dict(loader="torch", amp="off", channels_last=False, compile=False, 
                  optimizer="sgd", uint8_batches=False)
 VARIANTS = ("reference", "fastft")
 METRICS = ("examples_per_sec", "examples_per_sec_compute", "compile_s", "peak_mem_mb", "recompiles",
-           "eager_fallbacks", "job_s")
+           "eager_fallbacks", "job_s", "cpu_s")
+# speedup label: (metric, True where higher is faster); each the median of the per-round ratios
+SPEEDUPS = {"speedup_e2e": ("examples_per_sec", True), "speedup_compute": ("examples_per_sec_compute", True),
+            "speedup_cpu": ("cpu_s", False)}
 
 
 @dataclass
@@ -51,7 +60,7 @@ class BenchSpec:
     image_size: int = 64           # px, training crop side
     batch_size: int = 32           # examples per step
     epochs: int = 2                # epoch 1 is warm-up and is not in the rates
-    repeats: int = 1               # runs per (strategy, variant); the table shows the median
+    repeats: int = 1               # rounds: interleaved (reference, fastft) pairs per strategy
     device: str = "auto"
     # The fastft variant's settings; the reference always runs REFERENCE.
     amp: str = "auto"
@@ -60,15 +69,17 @@ class BenchSpec:
     loader: str = "auto"
     optimizer: str = "sgd"
     workers: int = -1              # both variants: -1 = the engine's default
+    threads: int = 0               # fastft variant's torch threads; 0 = auto (fastft.threads)
+    reference_threads: int = 0     # the reference's; 0 = torch's default in this process, read at start
     seed: int = 0
     quiet: bool = True             # hide the engine's per-epoch lines
 
 
 def variant_settings(spec: BenchSpec, variant: str) -> dict:
     if variant == "reference":
-        return dict(REFERENCE)
+        return dict(REFERENCE, threads=spec.reference_threads)
     return dict(loader=spec.loader, amp=spec.amp, channels_last=True, compile=spec.compile,
-                compile_mode=spec.compile_mode, fast_frozen=True, optimizer=spec.optimizer)
+                compile_mode=spec.compile_mode, fast_frozen=True, optimizer=spec.optimizer, threads=spec.threads)
 
 
 def make_config(spec: BenchSpec, strategy: str, variant: str, data_dir: Path, weights: str, out: Path
@@ -122,17 +133,21 @@ def run_once(cfg: TrainConfig, quiet_run: bool = True) -> dict:
     cached graphs of an earlier run (finetune and scratch share ResNet.forward) would make
     the compile time read ~0 and count against the same recompile limit.
     """
+    import time
+
     import torch
 
     from fastft.engine import Trainer
     torch._dynamo.reset()
+    cpu = time.process_time()
     with quiet(quiet_run):
         summary = Trainer(cfg).setup().fit()
+    summary = {**summary, "cpu_s": time.process_time() - cpu, "threads": torch.get_num_threads()}
     # The Trainer is gone; collect its cycles now, so its DALI pipelines release the decoder cache
     # (one per process, with fixed arguments) before the next run asks for its own.
     gc.collect()
     keys = METRICS + ("compiled_graphs", "loader", "amp", "compile", "channels_last", "device", "timed",
-                      "test_acc", "peak_mem_scope")
+                      "test_acc", "peak_mem_scope", "threads")
     return {key: summary.get(key) for key in keys}  # .get: older engines lack peak_mem_mb, recompiles
 
 
@@ -194,32 +209,46 @@ def spread(values: list) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def round_order(round_index: int) -> tuple[str, ...]:
+    """Who runs first alternates, so neither side always follows the other's cache misses."""
+    return VARIANTS if round_index % 2 == 0 else VARIANTS[::-1]
+
+
 def measure_row(spec: BenchSpec, strategy: str, data_dir: Path, imagenet_like: Path, work: Path) -> dict:
-    """Both variants of one strategy, repeats interleaved so slow drift hits both alike."""
+    """Both variants of one strategy in `spec.repeats` interleaved rounds."""
     runs = {variant: [] for variant in VARIANTS}
     for repeat in range(spec.repeats):
-        for variant in VARIANTS:
+        for variant in round_order(repeat):
             out = work / f"{strategy.replace(':', '-')}-{variant}-{repeat}"
             cfg = make_config(spec, strategy, variant, data_dir, weights_for(strategy, imagenet_like), out)
             runs[variant].append(run_once(cfg, spec.quiet))
     row = {"strategy": strategy}
     for variant in VARIANTS:
         row[variant] = {"runs": runs[variant], **{k: spread([r[k] for r in runs[variant]]) for k in METRICS}}
-    for key, label in (("examples_per_sec", "speedup_e2e"), ("examples_per_sec_compute", "speedup_compute")):
-        row[label] = row["fastft"][key]["median"] / row["reference"][key]["median"]
+    for label, (key, higher_is_faster) in SPEEDUPS.items():
+        ratios = round_ratios(runs["fastft"], runs["reference"], key, higher_is_faster)
+        row[label] = statistics.median(ratios) if ratios else None
+        row[f"{label}_rounds"] = ratios
     return row
+
+
+def round_ratios(fast: list[dict], ref: list[dict], key: str, higher_is_faster: bool) -> list[float]:
+    """fastft over the reference in each round (> 1: fastft faster); rounds missing a value are left out."""
+    pairs = [(f[key], r[key]) for f, r in zip(fast, ref) if f.get(key) and r.get(key)]
+    return [f / r if higher_is_faster else r / f for f, r in pairs]
 
 
 def describe_device(spec: BenchSpec) -> str:
     import torch
     from fastft.runtime import pick_device
+    from fastft.threads import usable_cpus
     device = pick_device(spec.device)
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    return f"cpu ({model}, {torch.get_num_threads()} threads)"
+    return f"cpu ({model}, {len(usable_cpus())} usable cores)"
 
 
 def header(spec: BenchSpec, data_dir: Path) -> dict:
@@ -227,11 +256,14 @@ def header(spec: BenchSpec, data_dir: Path) -> dict:
     return {"device": describe_device(spec), "torch": torch.__version__, "image_size": spec.image_size,
             "batch_size": spec.batch_size, "epochs": spec.epochs, "repeats": spec.repeats,
             "data": f"{spec.data} ({data_dir})", "weights": "random (timing only; accuracy means nothing)",
-            "fastft": variant_settings(spec, "fastft"), "reference": dict(REFERENCE)}
+            "fastft": variant_settings(spec, "fastft"), "reference": variant_settings(spec, "reference")}
 
 
 def run_bench(spec: BenchSpec, on_row=None) -> dict:
     """Every strategy of `spec`; `on_row(result)` after each row (for partial JSON on a timeout)."""
+    if spec.reference_threads <= 0:  # read before any fastft run sets its own count
+        import torch
+        spec = dataclasses.replace(spec, reference_threads=torch.get_num_threads())
     data_dir = prepare_data(spec)
     result = {"header": header(spec, data_dir), "rows": [], "complete": False}
     with tempfile.TemporaryDirectory(prefix="fastft-bench-") as tmp:
@@ -259,7 +291,7 @@ def _cell(stat: dict | None, digits: int = 1) -> str:
 
 
 COLUMNS = ("strategy", "e2e img/s", "ref e2e img/s", "speedup e2e", "compute img/s", "ref compute img/s",
-           "speedup compute", "compile s", "peak MB", "recompiles", "job s", "ref job s")
+           "speedup compute", "speedup CPU s", "threads", "compile s", "peak MB", "recompiles", "job s", "ref job s")
 
 
 def table_rows(result: dict) -> list[list[str]]:
@@ -270,11 +302,28 @@ def table_rows(result: dict) -> list[list[str]]:
             continue
         fast, ref = row["fastft"], row["reference"]
         rows.append([row["strategy"], _cell(fast["examples_per_sec"]), _cell(ref["examples_per_sec"]),
-                     f"{row['speedup_e2e']:.2f}x", _cell(fast["examples_per_sec_compute"]),
-                     _cell(ref["examples_per_sec_compute"]), f"{row['speedup_compute']:.2f}x",
-                     _cell(fast["compile_s"]), _cell(fast["peak_mem_mb"], 0), _recompiles_cell(fast),
+                     _ratio(row, "speedup_e2e"), _cell(fast["examples_per_sec_compute"]),
+                     _cell(ref["examples_per_sec_compute"]), _ratio(row, "speedup_compute"),
+                     _ratio(row, "speedup_cpu"), _threads_cell(row), _cell(fast["compile_s"]), _cell(fast["peak_mem_mb"], 0), _recompiles_cell(fast),
                      _cell(fast["job_s"]), _cell(ref["job_s"])])
     return rows
+
+
+def _ratio(row: dict, label: str) -> str:
+    """The median of the per-round ratios, and their range where there are several rounds."""
+    rounds = [r for r in row.get(f"{label}_rounds") or [] if r is not None]
+    if row.get(label) is None:
+        return "n/a"
+    text = f"{row[label]:.2f}x"
+    return text if len(set(rounds)) < 2 else f"{text} ({min(rounds):.2f}-{max(rounds):.2f})"
+
+
+def _threads_cell(row: dict) -> str:
+    """fastft's / the reference's torch threads (each round's, where they differ)."""
+    def counts(variant: str) -> str:
+        seen = sorted({r.get("threads") for r in row[variant]["runs"] if r.get("threads")})
+        return ",".join(map(str, seen)) or "?"
+    return f"{counts('fastft')}/{counts('reference')}"
 
 
 def _recompiles_cell(variant: dict) -> str:
@@ -286,10 +335,12 @@ def _recompiles_cell(variant: dict) -> str:
 def format_table(result: dict) -> str:
     h = result["header"]
     lines = [f"fastft bench on {h['device']}, torch {h['torch']}: {h['image_size']} px, batch {h['batch_size']}, "
-             f"{h['epochs']} epochs (rates exclude warm-up), {h['repeats']} repeat(s), median (min-max)",
+             f"{h['epochs']} epochs (rates exclude warm-up), {h['repeats']} repeat(s) as interleaved rounds, "
+             f"median (min-max); speedups: the median of each round's ratio",
              f"data {h['data']}; weights {h['weights']}",
              f"fastft: {_settings(h['fastft'])}; reference: {_settings(h['reference'])}",
-             "job s: each run's Trainer start to its summary (runs share this process: no start-up in it)", ""]
+             "job s: each run's Trainer start to its summary (runs share this process: no start-up in it); "
+             "speedup CPU s: the reference's process CPU seconds over fastft's; threads: fastft/reference", ""]
     body = [list(COLUMNS)] + table_rows(result)
     widths = [max(len(r[i]) for r in body) for i in range(len(COLUMNS))]
     for i, r in enumerate(body):

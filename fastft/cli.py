@@ -64,6 +64,8 @@ def add_train_parser(sub) -> None:
                    help="torch.compile on or off; untyped = auto: on when the job's steps x the time "
                         "compile saves per step beat the compile's cost, cold or cached (default: auto)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="(default: on)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: 0 = auto, from the cores "
+                   "this process may use, its CPU quota, the loader's threads and other processes' load)")
     p.add_argument("--device", help="auto|cpu|cuda|cuda:N (default: auto)")
     p.add_argument("--out", help="run folder (default: runs/STRATEGY-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
@@ -189,6 +191,8 @@ def add_bench_parser(sub) -> None:
                    help="fastft variant (default: auto)")
     p.add_argument("--optimizer", choices=["sgd", "apex-sgd"], default=d.optimizer, help="fastft variant")
     p.add_argument("--workers", type=int, default=d.workers, help="both variants (default: the engine's)")
+    p.add_argument("--threads", type=int, default=d.threads, help="fastft variant's torch threads (default: "
+                   "0 = auto, see train --help); the reference keeps torch's default, as the chapter's code")
     p.add_argument("--json", type=Path, help="write the table as JSON (rewritten after each strategy)")
     p.add_argument("--plot", type=Path, help="write a PNG bar chart (needs matplotlib)")
     p.add_argument("--verbose", action="store_true", help="show the engine's own lines")
@@ -253,11 +257,13 @@ def _given(args: argparse.Namespace) -> dict:
 
 def run_train(args: argparse.Namespace) -> int:
     from fastft.phases import process_start
+    from fastft.threads import CpuSample
     job_start = process_start(fallback=IMPORTED_AT)  # summary.json's job_s counts from here
+    cpu_since = CpuSample.take()  # start-up is the window that reads other processes' load: free
     from fastft.engine import train
 
     given = _given(args)
-    train(TrainConfig(**given), typed=frozenset(given), job_start=job_start)
+    train(TrainConfig(**given), typed=frozenset(given), job_start=job_start, cpu_since=cpu_since)
     return 0
 
 

@@ -78,6 +78,7 @@ class TrainConfig:
     compile: bool | None = None    # None = auto: on when the job's steps repay the compile (compile_cache)
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead and max-autotune use CUDA graphs
     channels_last: bool = True
+    threads: int = 0               # torch intra-op threads; 0 = auto: cores, cgroup quota, loaders, load (fastft.threads)
     fast_frozen: bool = True       # frozen layers: BN folded, inference mode, no autograd
     sync_bn: bool = False          # multi-process: BN statistics synced across ranks
     dist_timeout_s: float = 300.0  # s, a collective waiting longer ends the job
@@ -191,6 +192,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}"),
         (cfg.compile_mode in COMPILE_MODES,
          f"--compile-mode must be one of {COMPILE_MODES}, got {cfg.compile_mode!r}"),
+        (cfg.threads >= 0, f"--threads must be >= 0 (0 = auto), got {cfg.threads}"),
         (cfg.dist_timeout_s > 0, f"--dist-timeout must be positive, got {cfg.dist_timeout_s}"),
         (cfg.loss_reduction in LOSS_REDUCTIONS,
          f"--loss-reduction must be one of {LOSS_REDUCTIONS}, got {cfg.loss_reduction!r}"),

@@ -43,15 +43,20 @@ from fastft.rundir import adopt_saved_config, cache_notes, choose_run_dir
 from fastft.run_faults import guard
 from fastft.runtime import cudnn_benchmark, pick_device, resolve_runtime
 from fastft.strategy import get_strategy
+from fastft.threads import CpuSample, ThreadChoice
+from fastft.threads import decide as decide_threads
 from fastft.timing import EpochTiming, StepClock, steady_rates, sync
 from fastft.weights import save_run_weights
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None):
+    def __init__(self, cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None,
+                 cpu_since: CpuSample | None = None):
         self.cfg = cfg
         # job_start: the process start (perf_counter scale) from the CLI; None = now (bench, library).
         self.phases = PhaseClock(job_start)
+        # Where the window that reads other processes' load starts (fastft.threads); None = setup.
+        self.cpu_since = cpu_since
         self.typed = typed  # options typed on the command line (None: all of cfg), for --resume
         self.start_epoch = 0
         self.timings: list[EpochTiming] = []
@@ -60,6 +65,7 @@ class Trainer:
     # --- setup -------------------------------------------------------------------------
     def setup(self) -> "Trainer":
         self.phases.setup_begins()
+        self.cpu_since = self.cpu_since or CpuSample.take()
         validate(self.cfg)
         self.launch = distributed.launch_from_env()
         # The process group's backend follows the device typed now; a resumed run may record another.
@@ -89,6 +95,7 @@ class Trainer:
             self._scan_data()
             self._setup_model(saved)
         self._build_data()  # outside: --loader auto's choice is agreed on by every process
+        self._set_threads()  # before the first step: Inductor's C++ kernels bake the count in
         self._set_cudnn_benchmark()
         self._setup_optimizer()
         if saved:
@@ -108,6 +115,17 @@ class Trainer:
         if self.rt.device.type == "cuda":
             self.reporter.say(f"cudnn.benchmark {'on' if self.cudnn_benchmark else 'off'}: train batches of "
                               f"{sorted(sizes)} image(s) per process")
+
+    def _set_threads(self) -> None:
+        """torch's intra-op threads for the step, from the cores this process really has (fastft.threads).
+        On CUDA the step runs on the GPU and torch's default is kept, unless typed."""
+        side = self.data.threads if self.data.name == "dali" else self.rt.workers  # cached: decoded already
+        if self.rt.device.type == "cuda" and self.cfg.threads <= 0:
+            self.threads = ThreadChoice(torch.get_num_threads(), "torch's default: the step runs on the GPU")
+        else:
+            self.threads = decide_threads(self.cpu_since, self.launch.local_world_size, side, self.cfg.threads)
+            torch.set_num_threads(self.threads.threads)
+        self.reporter.say(self.threads.line())
 
     def _check_distributed_settings(self) -> None:
         if self.rt.distributed and self.rt.device.type != self.group_device:
@@ -230,6 +248,7 @@ class Trainer:
                 "compile_reason": self.compile_reason, "workers": self.rt.workers, "world_size": self.rt.world_size,
                 "data_dir": str(self.data_dir), "loader": self.data.name,
                 "classes": list(self.data.classes), "cudnn_benchmark": self.cudnn_benchmark,
+                "threads": self.threads.threads, "threads_reason": self.threads.reason,
                 "lr_per_group": [group["lr"] for group in self.optimizer.param_groups],  # --tensorboard's lr
                 "fastft_version": __version__}
 
@@ -447,9 +466,11 @@ class Trainer:
         }
 
 
-def train(cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None) -> dict:
-    """One run; `job_start` (perf_counter scale) is where summary.json's job_s counts from."""
-    trainer = Trainer(cfg, typed, job_start)
+def train(cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None,
+          cpu_since: CpuSample | None = None) -> dict:
+    """One run; `job_start` (perf_counter scale) is where summary.json's job_s counts from;
+    `cpu_since` where the reading of other processes' load starts (fastft.threads)."""
+    trainer = Trainer(cfg, typed, job_start, cpu_since)
     with guard(trainer):  # out of memory, Ctrl-C, a full disk: one line on what was saved (run_faults)
         summary = trainer.setup().fit()
     distributed.stop()

@@ -18,7 +18,8 @@ from fastft.safe_write import cache_fallback_note, check_writable, shown
 # dataset, another machine); every other setting comes from its checkpoint.
 RUNTIME_FIELDS = ("epochs", "data", "device", "compile", "workers", "compile_mode", "fast_frozen",
                   "decode_cache", "skip_bad", "dist_timeout_s", "save_every", "cache_gb", "tensorboard")
-ALWAYS_GIVEN = ("out", "resume")
+# threads: fitted to the machine as it is now, so auto (0) again unless typed.
+ALWAYS_GIVEN = ("out", "resume", "threads")
 
 def choose_run_dir(cfg: TrainConfig) -> Path:
     """The run's folder: --out, else runs/STRATEGY-TIME. Raises ConfigError / CheckpointError for a

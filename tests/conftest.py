@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny synthetic dataset, a fake ImageNet checkpoint, tiny configs.
 
 Everything runs on the CPU in seconds: 32 px images, batch 8, no worker processes.
+The suite runs on fastft's own thread policy (fastft.threads), decided once per session.
 """
 
 from __future__ import annotations
@@ -15,6 +16,54 @@ import torchvision
 
 from fastft.config import TrainConfig
 from fastft.data.synth import write_synthetic
+from fastft.threads import ThreadChoice, decide
+
+THREADS = pytest.StashKey[ThreadChoice]()
+
+
+def pytest_configure(config):
+    """torch's threads for the whole session, from fastft's policy: the cores this process may use,
+    its quota and the other processes' load, read once here (0.25 s). Exported as OMP_NUM_THREADS,
+    so each Trainer and each `fastft` subprocess a test starts takes the same count without reading
+    the load again (which would differ from test to test on a shared machine). A value the user
+    set is kept, as fastft keeps it."""
+    import os
+    choice = decide()
+    config.stash[THREADS] = choice
+    os.environ["OMP_NUM_THREADS"] = str(choice.threads)
+    torch.set_num_threads(choice.threads)
+
+
+def pytest_report_header(config):
+    return f"fastft {config.stash[THREADS].line()}"
+
+
+# The slowest tests, by node id prefix under tests/ (durations measured on a busy 2-core machine,
+# README "Run the tests"): whole training runs to convergence, torchrun jobs of several
+# processes, cold compiles. Marked here, in one place; `pytest -m "not slow"` leaves them out.
+SLOW = (
+    "test_convergence.py::",
+    "test_multinode.py::",
+    "test_ddp.py::",
+    "test_cached_loader.py::test_four_gloo_processes",
+    "test_background_checkpoint.py::test_kill_9_during_a_background_write",
+    "test_compile_graphs.py::test_each_piece_compiles",
+    "test_compile_graphs.py::test_a_frame_past_the_recompile_limit",
+    "test_speed_flags.py::test_a_speed_flag_takes_the_reference_step[compile]",
+    "test_compile_cache.py::test_a_second_compile_comes_from_the_cache",
+)
+
+
+@pytest.fixture(scope="session")
+def slow_prefixes() -> tuple[str, ...]:
+    """SLOW, for the test that checks it (two conftest modules make `from conftest import` ambiguous)."""
+    return SLOW
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.removeprefix("tests/").startswith(SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)

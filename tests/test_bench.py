@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fastft import bench, cli
 from fastft.bench import BenchSpec, bench_main, format_table, run_bench, spread
@@ -47,7 +48,8 @@ def test_json_names_the_setup_and_holds_every_metric(tiny_bench):
     h = result["header"]
     assert h["device"].startswith("cpu") and (h["image_size"], h["batch_size"], h["repeats"]) == (32, 4, 1)
     assert "random" in h["weights"] and h["data"].startswith("synthetic")
-    assert h["reference"] == bench.REFERENCE and h["fastft"]["fast_frozen"] is True
+    assert h["reference"] == {**bench.REFERENCE, "threads": torch.get_num_threads()}
+    assert h["fastft"]["fast_frozen"] is True and h["fastft"]["threads"] == 0
     for row in result["rows"]:
         assert set(bench.METRICS) <= set(row["fastft"]) and set(bench.METRICS) <= set(row["reference"])
 
@@ -139,3 +141,36 @@ def test_cli_bench_turns_options_into_a_spec(monkeypatch, tmp_path):
     assert spec.strategies == ("frozen", "partial:2") and spec.image_size == 48 and spec.repeats == 3
     assert spec.compile is False and spec.amp == "off" and spec.quiet and seen["json"] == tmp_path / "b.json"
     assert cli.main(["bench"]) == 0 and seen["spec"] == BenchSpec()
+
+
+def test_rounds_interleave_the_variants_and_speedups_are_medians_of_per_round_ratios(monkeypatch, tmp_path):
+    """Round ratios 3, 2, 2: the headline is their median, 2.0, not the ratio of the variants'
+    medians (24 / 10 = 2.4), which pairs runs from different rounds (different loads)."""
+    calls = []
+    rates = {("reference", 0): 10.0, ("fastft", 0): 30.0, ("fastft", 1): 6.0, ("reference", 1): 3.0,
+             ("reference", 2): 12.0, ("fastft", 2): 24.0}
+
+    def run_once(cfg, quiet_run):
+        variant = "reference" if cfg.amp == "off" else "fastft"
+        round_index = int(cfg.out.rsplit("-", 1)[1])
+        calls.append((variant, round_index, cfg.threads))
+        rate = rates[(variant, round_index)]
+        return {**dict.fromkeys(bench.METRICS), "examples_per_sec": rate, "examples_per_sec_compute": rate,
+                "cpu_s": 100.0 / rate, "threads": cfg.threads}
+    monkeypatch.setattr(bench, "run_once", run_once)
+    spec = BenchSpec(repeats=3, threads=1, reference_threads=2)
+    row = bench.measure_row(spec, "frozen", tmp_path, tmp_path / "w.pth", tmp_path)
+    assert [(v, r) for v, r, _ in calls] == [("reference", 0), ("fastft", 0), ("fastft", 1), ("reference", 1),
+                                            ("reference", 2), ("fastft", 2)]
+    assert {(v, t) for v, _, t in calls} == {("reference", 2), ("fastft", 1)}
+    for label in ("speedup_e2e", "speedup_compute", "speedup_cpu"):
+        assert row[f"{label}_rounds"] == pytest.approx([3.0, 2.0, 2.0]) and row[label] == pytest.approx(2.0)
+    assert bench._ratio(row, "speedup_e2e") == "2.00x (2.00-3.00)" and bench._threads_cell(row) == "1/2"
+
+
+def test_the_reference_keeps_the_thread_count_the_process_started_with(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(bench, "prepare_data", lambda spec: tmp_path)
+    monkeypatch.setattr(bench, "measure_row", lambda spec, *a: seen.append(spec) or fake_row("frozen"))
+    run_bench(BenchSpec(strategies=("frozen",)))
+    assert seen[0].reference_threads == torch.get_num_threads() and seen[0].threads == 0
