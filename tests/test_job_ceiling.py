@@ -24,7 +24,9 @@ def test_ideal_follows_the_module_doc_in_wall_and_cpu_seconds(jc):
 
 
 def test_timed_process_counts_the_child_cpu_and_not_a_sleep(jc):
-    busy, busy_cpu = jc.timed_process([sys.executable, "-c", "sum(range(3_000_000))"])
+    # The busy child spins until its own CPU clock has run 0.3 s, whatever the CPU's speed.
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+    busy, busy_cpu = jc.timed_process([sys.executable, "-c", spin])
     idle, idle_cpu = jc.timed_process([sys.executable, "-c", "import time; time.sleep(0.5)"])
     assert idle >= 0.5 and idle_cpu < idle - 0.3   # a sleeping child costs wall time, little CPU
-    assert busy > 0 and busy_cpu > 0.05            # a busy one costs both
+    assert busy >= 0.3 and busy_cpu >= 0.3          # a busy one costs both
