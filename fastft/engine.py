@@ -31,7 +31,7 @@ from fastft.compile_cache import compile_key, mark_warm, settle_compile
 from fastft.config import TrainConfig, oversized_batch_line, validate
 from fastft.data import build_loaders, resolve_data_dir
 from fastft.data.layout import check_classes, scan_dataset
-from fastft.errors import CheckpointError, ConfigError
+from fastft.errors import CheckpointError, ConfigError, WriteError
 from fastft.fastpath import TrainFeatures
 from fastft.forward import Forward, compile_fallbacks
 from fastft.model import build_resnet18, load_matching, source_weights
@@ -41,6 +41,7 @@ from fastft.report import Reporter, precision_line
 from fastft.resources import compiled_graphs, peak_memory, reset_peak_memory
 from fastft.rundir import adopt_saved_config, cache_notes, choose_run_dir
 from fastft.run_faults import guard
+from fastft.safe_write import shown
 from fastft.runtime import cudnn_benchmark, pick_device, resolve_runtime
 from fastft.strategy import get_strategy
 from fastft.threads import CpuSample, ThreadChoice
@@ -377,14 +378,15 @@ class Trainer:
                 timing = self.timings[-1]
                 record["examples_per_sec"] = timing.examples / timing.wall_s
                 record["examples_per_sec_compute"] = timing.examples / sum(timing.step_s)
-                if self._checkpoint_due(epoch + 1):
-                    # Written in the background; a metrics line ahead of the checkpoint on disk is
-                    # dropped on resume (keep_metrics_up_to), so resume never duplicates one.
-                    # The last is written at once: the run would only wait for it, after a CPU copy.
-                    with self.phases.timed("checkpoints"):
-                        self.save_checkpoint(epoch + 1, background=epoch + 1 < self.cfg.epochs)
+                # The epoch's figures are on disk before its checkpoint, so a write that fails
+                # there (a full disk) loses no result; a metrics line ahead of the checkpoint is
+                # dropped on resume (keep_metrics_up_to), so resume never duplicates one.
                 self.reporter.append_metrics(record)
                 self.reporter.epoch_lines(record, self.cfg.epochs, str(self.rt.device))
+                if self._checkpoint_due(epoch + 1):
+                    # Written in the background; the last at once: the run would only wait for it.
+                    with self.phases.timed("checkpoints"):
+                        self.save_checkpoint(epoch + 1, background=epoch + 1 < self.cfg.epochs)
         finally:  # success, an error or Ctrl-C: the write in flight lands before the run reports
             with self.phases.timed("checkpoints"):  # the last write's wait is the job's too
                 self.checkpoints.wait()
@@ -435,9 +437,18 @@ class Trainer:
                  "world_size": self.rt.world_size, "fastft_version": __version__}
         self.checkpoints.save(state, checkpoint_path(self.run_dir), background)
         if epochs_done == self.cfg.epochs:  # the run's final weights, for other tools (fastft.weights)
+            self._save_model_file(epochs_done)
+
+    def _save_model_file(self, epochs_done: int) -> None:
+        """model.safetensors after the last epoch. It is a copy of what the checkpoint holds, so a
+        failed write (safetensors missing, a full disk) is a warning and the run still reports."""
+        try:
             note = save_run_weights(self.run_dir, self.model, self.data.classes, self.cfg.image_size, epochs_done)
-            if note:  # safetensors is not installed: said once, the run goes on
-                self.reporter.warn(note)
+        except WriteError as exc:
+            note = (f"{exc.one_line()}; the checkpoint holds the same weights: `fastft export --checkpoint "
+                    f"{shown(self.run_dir)} --format safetensors` writes the file once there is room")
+        if note:
+            self.reporter.warn(note)
 
     def _replicas_identical(self) -> bool:
         """DDP keeps replicas equal; a silent divergence would make rank 0's checkpoint a lie."""

@@ -32,6 +32,7 @@ the report and the sidecar name as such.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -41,19 +42,17 @@ from pathlib import Path
 import torch
 
 from fastft.checkpoint import CHECKPOINT_NAME
-from fastft.curves import CURVES_NAME
 from fastft.data import SYNTHETIC
 from fastft.data.images import load_rgb
 from fastft.data.transforms import eval_transform
 from fastft.errors import ConfigError, DataError, FastftError, WriteError
 from fastft.predict import ORT_HINT, check_images, exported_logits, flat_reason, sidecar_path, trained_model
 from fastft.report import write_json_atomic
-from fastft.safe_write import check_writable, failure, remove_quietly
+from fastft.rundir import RUN_FILES  # what a run folder holds: export's --out names none of them
+from fastft.safe_write import check_writable, failure, remove_quietly, write_bytes_atomic
 from fastft.weights import MODEL_FILE, exportable_state, import_safetensors, model_card, write_model_file
 
 FORMATS = ("onnx", "pt2", "safetensors")  # each file's suffix is .FORMAT
-# What a run folder holds (checkpoint.py, report.py, curves.py, weights.py): --out names none of them.
-RUN_FILES = (CHECKPOINT_NAME, MODEL_FILE, "config.json", "metrics.jsonl", "summary.json", CURVES_NAME)
 ONNX_HINT = "pip install onnx onnxscript"
 CHECK_IMAGES = 8  # test images the check runs: batches of 1 and of all of them
 # Max |logit difference| allowed, relative to max(1, max |logit|). Both sides are fp32 (eps 1.2e-7)
@@ -248,7 +247,11 @@ def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, fmt: str, 
                 torch.onnx.export(model, (sample,), str(path), dynamo=True, dynamic_shapes=batch,
                                   input_names=["x"], output_names=["logits"], external_data=False, verbose=False)
             else:
-                torch.export.save(torch.export.export(model, (sample,), dynamic_shapes=batch), str(path))
+                # Saved to memory, then written by us: torch's zip writer aborts the whole process
+                # (a C++ exception in its destructor) when the disk fills under it.
+                buffer = io.BytesIO()
+                torch.export.save(torch.export.export(model, (sample,), dynamic_shapes=batch), buffer)
+                write_bytes_atomic(path, buffer.getvalue())
     except Exception as exc:  # the exporters raise their own types; a ResNet-18 should never get here
         if failure(path, exc) is not None:  # a full disk, a read-only folder: said by export_run
             raise

@@ -9,10 +9,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from fastft.checkpoint import checkpoint_path
+from fastft.checkpoint import CHECKPOINT_NAME, checkpoint_path
 from fastft.config import TrainConfig, preferred_cache_dir
+from fastft.curves import CURVES_NAME
 from fastft.errors import CheckpointError, ConfigError
 from fastft.safe_write import cache_fallback_note, check_writable, shown
+from fastft.weights import MODEL_FILE
+
+# What a run folder holds (checkpoint.py, report.py, curves.py, weights.py).
+RUN_FILES = (CHECKPOINT_NAME, MODEL_FILE, "config.json", "metrics.jsonl", "summary.json", CURVES_NAME)
 
 # A resumed run takes these from the command line when typed there (a longer run, a moved
 # dataset, another machine); every other setting comes from its checkpoint.
@@ -34,6 +39,9 @@ def choose_run_dir(cfg: TrainConfig) -> Path:
         raise CheckpointError(f"{run_dir}: nothing to resume (no {checkpoint_path(run_dir).name})")
     if not cfg.resume and has_checkpoint:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    kept = [name for name in RUN_FILES if (run_dir / name).exists()] if not cfg.resume else []
+    if kept:  # a finished run whose checkpoint was deleted to save room is still a run: never overwrite it
+        raise ConfigError(f"{run_dir} already holds {', '.join(kept)} of an earlier run; choose another --out")
     # Every file of the run goes here: a read-only place is said now, not after an epoch's work.
     check_writable(run_dir, f"--out {shown(run_dir)}" if cfg.out else f"run folder {shown(run_dir)}")
     return run_dir  # created once the run is set up, so a failed start leaves no empty folder

@@ -294,3 +294,30 @@ def test_train_end_to_end_with_the_dali_loader(make_cfg):
         summary = train(make_cfg(loader="dali", epochs=2))
     assert summary["loader"] == "dali" and summary["test_examples"] == 12
     assert math.isfinite(summary["train_loss"])
+
+
+def test_names_that_are_not_utf8_reach_dali_through_links_with_the_same_pixels(tiny_data, tmp_path):
+    """A POSIX name is any bytes; DALI's reader takes UTF-8 names only. Such a file (a JPEG as it is,
+    and a lossless JPEG that also needs a copy) is read through the cache folder, pixels unchanged."""
+    import os
+    from jpeg_codings import lossless_jpeg
+    root = tmp_path / "d"
+    shutil.copytree(tiny_data, root)
+    train_hotdog = root / "train" / "hotdog"
+    first = sorted(train_hotdog.iterdir())[0]
+    latin1 = Path(os.fsdecode(os.fsencode(train_hotdog) + b"/latin1-\xe9.jpg"))
+    first.rename(latin1)
+    grey = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))
+    lossless = Path(os.fsdecode(os.fsencode(train_hotdog) + b"/lossless-\xff.jpg"))
+    lossless.write_bytes(lossless_jpeg(grey))
+    layout = scan_dataset(root)
+    cache = tmp_path / "cache"
+    files = dict(layout.dali_files("train", cache))
+    by_original = dict(zip((p for p, _ in layout.files["train"]), (p for p, _ in layout.dali_files("train", cache))))
+    assert os.path.realpath(by_original[latin1]) == os.path.realpath(latin1)  # a link: the file's own bytes
+    assert by_original[lossless].suffix == ".png"                             # a copy, named by its key
+    assert all(os.fspath(p).encode("utf-8") for p in files)
+    got = torch.cat([x for x, _ in dali(root, layout=layout).train_eval_batches()])
+    transform = eval_transform(32)
+    want = torch.stack([transform(load_rgb(path)) for path, _ in layout.files["train"]])
+    assert (levels(got) - levels(want)).abs().max() <= 1.01  # as the eval pipeline's test above

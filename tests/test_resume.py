@@ -178,3 +178,17 @@ def test_a_pickled_model_as_checkpoint_is_one_plain_line_and_runs_no_code(tmp_pa
     line = err.value.one_line()
     assert line.startswith(f"{path}: holds a pickled model object (torchvision.models.resnet.ResNet)")
     assert "torch.save(model.state_dict(), PATH)" in line and "\x1b" not in line
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "metrics.jsonl", "summary.json", "config.json", "curves.png"])
+def test_a_new_run_never_overwrites_a_finished_run_without_its_checkpoint(make_cfg, tmp_path, name):
+    """A user deletes checkpoint.pt to free room: the folder still holds a run, and its files stay."""
+    from fastft.errors import ConfigError
+    from fastft.rundir import choose_run_dir
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / name).write_bytes(b"kept")
+    with pytest.raises(ConfigError, match=f"already holds {name} of an earlier run"):
+        choose_run_dir(make_cfg(out=str(out)))
+    assert (out / name).read_bytes() == b"kept"
+    assert choose_run_dir(make_cfg(out=str(tmp_path / "fresh"))) == tmp_path / "fresh"

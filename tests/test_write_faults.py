@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -211,12 +212,9 @@ def test_every_file_writer_on_an_imitated_full_disk_is_one_line_and_keeps_the_ol
 
 
 def test_an_export_whose_disk_fills_is_one_line_and_leaves_no_file(small_run, tmp_path, monkeypatch, capsys):
-    """Imitated: torch.export.save raises what torch's zip writer raises on a full disk, with 1 MB
-    free; the message says how much the program needs (the model's weights, ~43 MB)."""
-    def full(program, path, *args, **kwargs):
-        Path(path).write_bytes(b"PK half")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
-    monkeypatch.setattr(torch.export, "save", full)
+    """Imitated: the program's bytes meet a full disk after 1 MB, with 1 MB free; the message says
+    how much the program needs (the model's weights, ~43 MB)."""
+    imitate_full_disk(monkeypatch, 1 << 20)
     monkeypatch.setattr(safe_write.shutil, "disk_usage", lambda path: SimpleNamespace(free=1 << 20))
     out = tmp_path / "m.pt2"
     assert main(["export", "--checkpoint", str(small_run), "--format", "pt2", "--out", str(out), "--no-check"]) == 2
@@ -404,3 +402,35 @@ def test_tensorboard_in_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=rf"^{re.escape(str(tmp_path / 'tb'))}: cannot write: "
                                          rf"{re.escape(str(tmp_path))} is on a read-only file system$"):
         log.add_epoch({"epoch": 1, "train_loss": 0.5}, [0.1])
+
+
+def test_a_full_disk_at_the_last_model_file_keeps_the_epochs_results(make_cfg, monkeypatch, capsys):
+    """model.safetensors is a copy of the checkpoint's weights: its failed write is a warning, and
+    the epoch's metrics line, summary and checkpoint are all on disk."""
+    from fastft import engine
+
+    def full(run_dir, *args):
+        raise WriteError(f"{run_dir}/model.safetensors: write failed (No space left on device)")
+
+    monkeypatch.setattr(engine, "save_run_weights", full)
+    cfg = make_cfg(epochs=1)
+    summary = engine.train(cfg)
+    run = Path(cfg.out)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+    assert json.loads((run / "summary.json").read_text())["test_acc"] == summary["test_acc"]
+    assert load_checkpoint(run)["epoch"] == 1 and not (run / "model.safetensors").exists()
+    assert "--format safetensors` writes the file once there is room" in capsys.readouterr().err
+
+
+def test_a_pt2_export_onto_a_real_full_disk_is_one_line_not_an_abort(small_run, tmp_path, mounts):
+    """Real: a 2 MB tmpfs. torch's zip writer, writing there itself, aborted the process (exit 134,
+    a C++ exception in its destructor); the program is saved to memory and written by fastft."""
+    disk = small_disk(tmp_path / "small", 2, mounts)
+    out = disk / "m.pt2"
+    cmd = ["-m", "fastft", "export", "--checkpoint", str(small_run), "--format", "pt2", "--out", str(out),
+           "--no-check"]
+    result = subprocess.run([sys.executable, *cmd], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ONE_LINE.fullmatch(result.stderr) and "disk full" in result.stderr
+    assert list(disk.iterdir()) == []

@@ -322,7 +322,9 @@ def rgb_copy(path: Path, cache_dir: Path) -> Path:
     """
     st = os.stat(path)
     key = f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{_COPY_VERSION}"
-    target = cache_dir / "converted" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.png"
+    # surrogateescape: a name that is not UTF-8 (its bytes decoded so by os.fsdecode) keys too.
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    target = cache_dir / "converted" / f"{digest}.png"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -330,3 +332,32 @@ def rgb_copy(path: Path, cache_dir: Path) -> Path:
     load_rgb(path).save(partial, "PNG")
     os.replace(partial, target)
     return target
+
+
+def utf8_name(path: Path) -> bool:
+    """Whether `path` is valid UTF-8. DALI's readers take file names as UTF-8 strings only, while a
+    POSIX name is any bytes (Python carries the others as surrogate escapes, os.fsdecode)."""
+    try:
+        os.fspath(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def utf8_link(path: Path, cache_dir: Path) -> Path:
+    """A symbolic link under cache_dir/converted, named by a hash of `path`'s bytes, to `path`:
+    DALI reads the original file's bytes through a UTF-8 name (pixels exactly as the file's own).
+
+    Made once; a link made at the same time by another process is replaced by an equal one.
+    Raises OSError where the folder cannot be written.
+    """
+    raw = os.fsencode(os.path.abspath(path))
+    suffix = path.suffix.lower() if utf8_name(Path(path.suffix)) else ""
+    link = cache_dir / "converted" / f"{hashlib.sha256(raw).hexdigest()[:32]}.link{suffix}"
+    if link.is_symlink() and os.fsencode(os.readlink(link)) == raw:
+        return link
+    link.parent.mkdir(parents=True, exist_ok=True)
+    partial = link.with_name(f"{link.name}.{os.getpid()}.tmp")
+    os.symlink(raw, os.fsencode(partial))
+    os.replace(partial, link)
+    return link

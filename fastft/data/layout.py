@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from fastft.config import default_cache_dir
 from fastft.data.images import IMAGE_EXTENSIONS, decode_problem, image_note, needs_dali_copy, quick_problem
-from fastft.data.images import rgb_copy
+from fastft.data.images import rgb_copy, utf8_link, utf8_name
 from fastft.data.images import shown_path as _shown
 from fastft.errors import DataError
 from fastft.safe_write import writing
@@ -59,15 +59,22 @@ class DatasetLayout:
 
     def dali_files(self, split: str, cache_dir: Path | None = None) -> tuple[tuple[Path, int], ...]:
         """files[split] with each of `dali_copies` replaced by its RGB PNG copy under
-        cache_dir/converted (default: fastft's cache folder), made on first use.
+        cache_dir/converted (default: fastft's cache folder), made on first use, and each name
+        that is not UTF-8 (DALI takes no other) by a UTF-8 link to the same file there.
         Raises DataError, naming the original, for a file load_rgb cannot map; WriteError where
         the copy cannot be written."""
-        if not self.dali_copies:
-            return self.files[split]
+        files = self.files[split]
+        if not self.dali_copies and all(utf8_name(path) for path, _ in files):
+            return files
         cache_dir = cache_dir or default_cache_dir()
         with writing(cache_dir / "converted"):  # a full disk: one WriteError line (fastft.safe_write)
-            return tuple((rgb_copy(path, cache_dir) if path in self.dali_copies else path, label)
-                         for path, label in self.files[split])
+            return tuple((self._dali_path(path, cache_dir), label) for path, label in files)
+
+    def _dali_path(self, path: Path, cache_dir: Path) -> Path:
+        """What DALI reads for `path`: its RGB copy, a UTF-8 link to it, or the file itself."""
+        if path in self.dali_copies:
+            return rgb_copy(path, cache_dir)
+        return path if utf8_name(path) else utf8_link(path, cache_dir)
 
 
 def _plural(n: int, word: str, words: str = "") -> str:
