@@ -105,11 +105,14 @@ def test_compiled_training_keeps_replicas_identical(ddp_data, imagenet_like, tmp
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(imagenet_like, tmp_path):
+    # A folder that exists but holds no split: the command line's early check passes it, and each
+    # rank fails on it in its data setup (a missing folder is answered before torch loads, by rank 0).
+    (tmp_path / "nosplits").mkdir()
     started = time.monotonic()
-    rc, _, err = finish(torchrun(2, train_args(tmp_path / "missing", imagenet_like, tmp_path / "run")),
+    rc, _, err = finish(torchrun(2, train_args(tmp_path / "nosplits", imagenet_like, tmp_path / "run")),
                         timeout=120)
     assert rc != 0
-    assert "fastft: error: [rank " in err and "missing" in err
+    assert "fastft: error: [rank " in err and "nosplits" in err
     assert time.monotonic() - started < 120
 
 
