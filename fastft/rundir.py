@@ -39,12 +39,23 @@ def choose_run_dir(cfg: TrainConfig) -> Path:
         raise CheckpointError(f"{run_dir}: nothing to resume (no {checkpoint_path(run_dir).name})")
     if not cfg.resume and has_checkpoint:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    kept = [name for name in RUN_FILES if (run_dir / name).exists()] if not cfg.resume else []
+    kept = [] if cfg.resume else earlier_results(run_dir)
     if kept:  # a finished run whose checkpoint was deleted to save room is still a run: never overwrite it
         raise ConfigError(f"{run_dir} already holds {', '.join(kept)} of an earlier run; choose another --out")
     # Every file of the run goes here: a read-only place is said now, not after an epoch's work.
     check_writable(run_dir, f"--out {shown(run_dir)}" if cfg.out else f"run folder {shown(run_dir)}")
     return run_dir  # created once the run is set up, so a failed start leaves no empty folder
+
+
+def earlier_results(run_dir: Path) -> list[str]:
+    """The files in `run_dir` that hold an earlier run's results: model.safetensors, summary.json, a
+    metrics.jsonl with an epoch in it. A config.json alone (a run stopped before its first epoch
+    ended) holds none: running the same command again there is what that stop tells the user."""
+    names = [name for name in (MODEL_FILE, "summary.json") if (run_dir / name).exists()]
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        names.append(metrics.name)
+    return names
 
 
 def adopt_saved_config(given: TrainConfig, saved: dict,

@@ -180,15 +180,25 @@ def test_a_pickled_model_as_checkpoint_is_one_plain_line_and_runs_no_code(tmp_pa
     assert "torch.save(model.state_dict(), PATH)" in line and "\x1b" not in line
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "metrics.jsonl", "summary.json", "config.json", "curves.png"])
+@pytest.mark.parametrize("name", ["model.safetensors", "metrics.jsonl", "summary.json"])
 def test_a_new_run_never_overwrites_a_finished_run_without_its_checkpoint(make_cfg, tmp_path, name):
-    """A user deletes checkpoint.pt to free room: the folder still holds a run, and its files stay."""
+    """A user deletes checkpoint.pt to free room: the folder still holds a run's results, and they stay."""
     from fastft.errors import ConfigError
     from fastft.rundir import choose_run_dir
     out = tmp_path / "done"
     out.mkdir()
-    (out / name).write_bytes(b"kept")
+    (out / name).write_bytes(b'{"epoch": 1}\n')
     with pytest.raises(ConfigError, match=f"already holds {name} of an earlier run"):
         choose_run_dir(make_cfg(out=str(out)))
-    assert (out / name).read_bytes() == b"kept"
-    assert choose_run_dir(make_cfg(out=str(tmp_path / "fresh"))) == tmp_path / "fresh"
+    assert (out / name).read_bytes() == b'{"epoch": 1}\n'
+
+
+def test_a_run_stopped_before_its_first_epoch_ended_can_start_again_in_its_folder(make_cfg, tmp_path):
+    """config.json, an empty metrics.jsonl and a curves.png hold no result: the same --out starts again."""
+    from fastft.rundir import choose_run_dir
+    out = tmp_path / "stopped"
+    out.mkdir()
+    for name in ("config.json", "metrics.jsonl", "curves.png"):
+        (out / name).write_bytes(b"")
+    (out / "config.json").write_text("{}")
+    assert choose_run_dir(make_cfg(out=str(out))) == out
