@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastft.config import TrainConfig
+from fastft.curves import image_file, image_format
 from fastft.errors import ConfigError, FastftError
 from fastft.safe_write import check_writable, replacing, write_text_atomic
 
@@ -369,7 +370,7 @@ def require_matplotlib():
     return plt
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, fmt: str = "png") -> None:
     """Grouped bars, fastft against the reference, end-to-end and compute-only, min-max as error bars."""
     plt = require_matplotlib()
     rows = [r for r in result["rows"] if "error" not in r]
@@ -388,7 +389,7 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     try:
         with replacing(path) as tmp:  # a failed write keeps no half PNG and is one line
-            fig.savefig(tmp, dpi=100, format="png")
+            fig.savefig(tmp, dpi=100, format=fmt)
     finally:
         plt.close(fig)
 
@@ -397,6 +398,8 @@ def bench_main(spec: BenchSpec, json_path: Path | None = None, plot_path: Path |
     """The CLI's job: run, print the table, write JSON/PNG. Exit 1 if a strategy failed."""
     if plot_path:
         require_matplotlib()  # before minutes of running, not after
+        plot_path = image_file(plot_path, "bench.png")
+        plot_format = image_format(plot_path, "--plot")  # a .jpg is a JPEG, not PNG bytes
     for flag, target in (("--json", json_path), ("--plot", plot_path)):
         if target:  # a read-only folder, said before minutes of running
             check_writable(Path(target).absolute().parent, f"{flag} {target}")
@@ -406,7 +409,7 @@ def bench_main(spec: BenchSpec, json_path: Path | None = None, plot_path: Path |
     if save:
         save(result)
     if plot_path:
-        plot(result, plot_path)
+        plot(result, plot_path, plot_format)
     print(format_table(result))
     return 1 if any("error" in row for row in result["rows"]) else 0
 

@@ -101,7 +101,8 @@ def add_train_parser(sub) -> None:
 
 
 def add_data_parser(sub) -> None:
-    data = sub.add_parser("data", help="make, fetch or check a dataset").add_subparsers(dest="data_cmd", required=True)
+    data = sub.add_parser("data", help="make, fetch or check a dataset").add_subparsers(
+        dest="data_cmd", required=True, metavar="{synth,download,check}")  # named so in a missing-one error
     synth = data.add_parser("synth", help="write the synthetic hotdog-like JPEG dataset",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     synth.add_argument("dir", type=Path, help="folder to write (must not exist, or be empty)")
@@ -109,10 +110,11 @@ def add_data_parser(sub) -> None:
     add_synth_sizes(synth, d.synth_train, d.synth_test, "synth_train", "synth_test", ("--train", "--test"))
     synth.add_argument("--seed", type=int, default=0, help="the same seed and sizes write byte-identical files")
     download = data.add_parser("download", help="fetch the chapter's hotdog.zip (sha1-checked)")
-    download.add_argument("dir", type=Path, nargs="?", default=None)
+    download.add_argument("dir", type=Path, nargs="?", default=None, help="folder to hold the dataset, "
+                          "DIR/train and DIR/test; hotdog.zip is kept beside it (default: ~/.cache/fastft/hotdog)")
     check = data.add_parser("check", help="report every folder problem and bad image in one pass "
                             "(exit status 3 when there are any)")
-    check.add_argument("dir", type=Path)
+    check.add_argument("dir", type=Path, help="the dataset: DIR/train/CLASS/*.jpg and DIR/test/CLASS/*.jpg")
 
 
 def add_predict_parser(sub) -> None:
@@ -194,7 +196,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="fastft variant's torch threads (default: "
                    "0 = auto, see train --help); the reference keeps torch's default, as the chapter's code")
     p.add_argument("--json", type=Path, help="write the table as JSON (rewritten after each strategy)")
-    p.add_argument("--plot", type=Path, help="write a PNG bar chart (needs matplotlib)")
+    p.add_argument("--plot", type=Path, help="write a bar chart, in the format its suffix names (.png, .pdf, "
+                   ".svg...), or bench.png in a folder (needs matplotlib)")
     p.add_argument("--verbose", action="store_true", help="show the engine's own lines")
 
 
@@ -215,13 +218,15 @@ def add_plot_parser(sub) -> None:
                                    "run also keeps its own RUN_DIR/curves.png.")
     p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders (with metrics.jsonl)")
     p.add_argument("--out", type=Path, default=Path("runs-curves.png"),
-                   help="PNG to write (default: runs-curves.png in the current folder; needs matplotlib)")
+                   help="image to write, in the format its suffix names (.png, .pdf, .svg, .jpg...), or a "
+                   "folder to write runs-curves.png in (default: runs-curves.png here; needs matplotlib)")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="Fine-tune ResNet-18 fast (d2l.ai 13.2).",
                                 epilog="exit status: 0 done, 2 an error in one line, 3 a report that lists "
-                                       "problems (data check, bench), 130 interrupted, 1 a fastft bug")
+                                       "problems (data check, bench), 130 interrupted, 141 stdout closed "
+                                       "early (| head), 1 a fastft bug")
     p.add_argument("--version", action="version", version=f"fastft {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
@@ -327,9 +332,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from fastft.curves import plot_runs, run_labels
+    from fastft.curves import image_file, plot_runs, run_labels
 
-    replaced = args.out.exists()
+    replaced = image_file(args.out).exists()  # the file, or a folder's runs-curves.png
     path = plot_runs(args.runs, args.out)
     print(f"wrote {path}{' (replaced the file that was there)' if replaced else ''}: "
           f"{', '.join(run_labels(args.runs))}")

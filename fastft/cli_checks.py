@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from fastft.config import TrainConfig, batch_split_problem, device_problem, paths_problem, validate
+from fastft.config import TrainConfig, batch_split_problem, device_problem, paths_problem, seed_problem, validate
 from fastft.errors import ConfigError
 
 
@@ -72,4 +72,5 @@ def check_predict(args: argparse.Namespace) -> None:
 def check_synth(args: argparse.Namespace) -> None:
     _require(min(args.synth_train, args.synth_test) >= 2, f"--synth-train and --synth-test must be at "
              f"least 2 (a class needs an image), got {args.synth_train}/{args.synth_test}")
-    _require(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    problem = seed_problem(args.seed)
+    _require(problem is None, problem or "")

@@ -28,6 +28,9 @@ STRATEGY_NAMES = ("finetune", "frozen", "probe", "hotdog", "scratch")
 PARTIAL_STAGES = 4  # partial:K freezes the stem and the first K of ResNet-18's 4 residual stages (4 = frozen)
 DEVICE_FORM = re.compile(r"(auto|cpu|cuda(:[0-9]+)?)")
 SYNTHETIC = "synthetic"  # --data's name for the generated set (fastft.data.SYNTHETIC)
+# Seeds go to torch.manual_seed (64 bits), numpy's SeedSequence and DALI (int64); 0..2^32-1 is the
+# range numpy's legacy seed and most tools take, and leaves room for seed + rank.
+MAX_SEED = 2 ** 32 - 1
 
 
 def default_cache_dir() -> Path:
@@ -87,7 +90,7 @@ class TrainConfig:
     out: str = ""                  # run folder; "" = runs/<strategy>-<time>
     resume: bool = False
     save_every: int = 1            # epochs between checkpoints; the last epoch is always saved
-    seed: int = 0
+    seed: int = 0                  # 0..MAX_SEED
     tensorboard: bool = False      # per-epoch scalars (loss, accuracies, examples/sec, lr) to RUN_DIR/tb
 
     def to_dict(self) -> dict:
@@ -147,6 +150,14 @@ def _numbers_problem(cfg: TrainConfig) -> str | None:
     return None
 
 
+def seed_problem(seed: int, flag: str = "--seed") -> str | None:
+    """A seed outside 0..MAX_SEED (torch would stop at one over 64 bits with "Overflow when
+    unpacking long long", after its 10-30 s import), else None."""
+    if 0 <= seed <= MAX_SEED:
+        return None
+    return f"{flag} must be from 0 to {MAX_SEED} (2^32 - 1), got {seed}"
+
+
 def paths_problem(cfg: TrainConfig) -> str | None:
     """A --data folder or --weights file that does not exist (the CLI asks before torch loads;
     a resumed run's checkpoint may make them moot, which the engine says first)."""
@@ -198,7 +209,7 @@ def validate(cfg: TrainConfig) -> None:
          f"--loss-reduction must be one of {LOSS_REDUCTIONS}, got {cfg.loss_reduction!r}"),
     ]
     problems = [_numbers_problem(cfg)] + [message for ok, message in checks if not ok]
-    problems += [strategy_problem(cfg.strategy), device_problem(cfg.device)]
+    problems += [strategy_problem(cfg.strategy), device_problem(cfg.device), seed_problem(cfg.seed)]
     for message in problems:
         if message:
             raise ConfigError(message)

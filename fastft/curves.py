@@ -1,4 +1,5 @@
-"""Training curves as PNGs: each run's own `curves.png`, and `fastft plot` over several runs.
+"""Training curves as PNGs: each run's own `curves.png`, and `fastft plot` over several runs (a PNG,
+or the format its --out suffix names).
 
     fastft plot runs/finetune runs/frozen runs/scratch --out strategies.png
 
@@ -21,9 +22,10 @@ import math
 from pathlib import Path
 
 from fastft.errors import CheckpointError, ConfigError
-from fastft.safe_write import check_writable, replacing
+from fastft.safe_write import check_writable, replacing, shown
 
 CURVES_NAME = "curves.png"
+PLOT_NAME = "runs-curves.png"  # `fastft plot`'s --out by default, and in an --out folder
 METRICS = (("train_loss", "train loss"), ("train_acc", "train acc"), ("test_acc", "test acc"))
 D2L_FORMATS = ("-", "m--", "g-.")  # d2l Animator's default fmts, in its legend's order
 DPI = 100
@@ -141,13 +143,38 @@ def overlay_figure(runs: list[tuple[str, list[dict]]]):
     return figure
 
 
-def save_png(figure, path: Path) -> Path:
-    """Write `figure` as a PNG to `path` atomically: to `path.tmp`, then renamed over `path`, so a
-    run killed mid-write keeps its last whole figure (a leftover .tmp is overwritten next time).
-    Raises WriteError (one line) for a full disk or a folder that cannot be written."""
+def save_png(figure, path: Path, fmt: str = "png") -> Path:
+    """Write `figure` as a PNG (or as `fmt`, a format matplotlib writes) to `path` atomically: to
+    `path.tmp`, then renamed over `path`, so a run killed mid-write keeps its last whole figure
+    (a leftover .tmp is overwritten next time). Raises WriteError (one line) for a full disk or
+    a folder that cannot be written."""
     with replacing(path) as tmp:
-        figure.savefig(tmp, format="png")
+        figure.savefig(tmp, format=fmt)
     return Path(path)
+
+
+def image_file(out: Path, default_name: str = PLOT_NAME) -> Path:
+    """Where an image option (`fastft plot --out`, `bench --plot`) writes: FOLDER/default_name
+    for a folder, else `out`."""
+    out = Path(out)
+    return out / default_name if out.is_dir() else out
+
+
+def image_format(out: Path, flag: str) -> str:
+    """The format `out`'s suffix names, as matplotlib writes them (png, pdf, svg, jpg, ...), so a
+    file is never PNG bytes under another name. Raises ConfigError for a suffix matplotlib does
+    not write, MatplotlibMissing without matplotlib."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as exc:
+        raise MatplotlibMissing(f"{flag} needs matplotlib ({exc}): {MATPLOTLIB_HINT}") from exc
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    fmt = Path(out).suffix.lower().lstrip(".")
+    if fmt not in formats:
+        why = f"matplotlib writes no .{fmt} images" if fmt else "no suffix to name the image format"
+        others = ", ".join(f".{f}" for f in formats if f != "png")
+        raise ConfigError(f"{flag} {shown(out)}: {why}; name a .png file (or {others})")
+    return fmt
 
 
 def write_run_curves(run_dir: Path, title: str = "", epochs: int = 0) -> Path:
@@ -177,15 +204,18 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    """`fastft plot`: the runs' curves overlaid in one PNG at `out`, written atomically.
+    """`fastft plot`: the runs' curves overlaid in one image at image_file(out), in the format
+    its suffix names (image_format), written atomically; returns its path.
 
-    Raises CheckpointError for a bad run folder, ConfigError for a missing output folder,
-    WriteError for one that cannot be written, and MatplotlibMissing, each before anything is
-    written; WriteError for a disk that fills while writing."""
-    run_dirs, out = [Path(d) for d in run_dirs], Path(out)
+    Raises CheckpointError for a bad run folder, ConfigError for a missing output folder or a
+    suffix matplotlib does not write, WriteError for a folder that cannot be written, and
+    MatplotlibMissing, each before anything is written; WriteError for a disk that fills while
+    writing."""
+    run_dirs, out = [Path(d) for d in run_dirs], image_file(out)
     records = [read_metrics(d) for d in run_dirs]
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
-    check_writable(out.parent, f"--out {out}")  # before matplotlib's import and the drawing
+    check_writable(out.parent, f"--out {out}")  # before the drawing
+    fmt = image_format(out, "--out")
     figure = overlay_figure(list(zip(run_labels(run_dirs), records)))
-    return save_png(figure, out)
+    return save_png(figure, out, fmt)

@@ -52,3 +52,13 @@ class ResourceError(FastftError):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, carrying the one line that says what was saved and how to continue."""
+
+
+def missing_package(exc: ImportError, packages: str) -> str:
+    """What a failed import lacks, for a "needs ..." line: "the onnx package" where the error
+    names the module (its top-level package), else `packages` and the error's first line (a
+    module that raised ImportError itself, as one whose native library did not load does)."""
+    if exc.name:
+        return f"the {exc.name.split('.')[0]} package"
+    text = str(exc).strip()
+    return f"{packages} ({text.splitlines()[0] if text else type(exc).__name__})"

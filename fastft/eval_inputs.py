@@ -48,7 +48,8 @@ def split_folder(data_dir: Path, split: str, classes: list[str]) -> tuple[Path, 
     """The folder of class folders to score and the split it is: DIR/SPLIT, or (DIR, None) where
     DIR is itself one split (it holds neither train/ nor test/, and a folder named after a run
     class). Only that split need exist. Raises DataError (one line) otherwise."""
-    from fastft.data.layout import _case_hint, _check_dir, _unreadable
+    from fastft.data.layout import _check_dir, _unreadable
+    from fastft.data.name_twins import case_hint
     _check_dir(data_dir, "dataset folder not found")
     folder = data_dir / split
     if folder.exists():
@@ -62,7 +63,7 @@ def split_folder(data_dir: Path, split: str, classes: list[str]) -> tuple[Path, 
     if not names & {"train", "test"} and names & set(classes):
         return data_dir, None
     raise DataError(f"{shown_path(folder)}: missing split folder (expected {shown_path(folder / 'CLASS')}/*.jpg, "
-                    f"or --data naming one split's class folders{_case_hint(data_dir, split)})")
+                    f"or --data naming one split's class folders{case_hint(data_dir, split)})")
 
 
 def scan_split(folder: Path, classes: list[str]) -> tuple[tuple[tuple[Path, int], ...], list[str]]:

@@ -45,7 +45,7 @@ from fastft.checkpoint import CHECKPOINT_NAME
 from fastft.data import SYNTHETIC
 from fastft.data.images import load_rgb
 from fastft.data.transforms import eval_transform
-from fastft.errors import ConfigError, DataError, FastftError, WriteError
+from fastft.errors import ConfigError, DataError, FastftError, WriteError, missing_package
 from fastft.predict import ORT_HINT, check_images, exported_logits, flat_reason, sidecar_path, trained_model
 from fastft.report import write_json_atomic
 from fastft.rundir import RUN_FILES  # what a run folder holds: export's --out names none of them
@@ -53,7 +53,7 @@ from fastft.safe_write import check_writable, failure, remove_quietly, write_byt
 from fastft.weights import MODEL_FILE, exportable_state, import_safetensors, model_card, write_model_file
 
 FORMATS = ("onnx", "pt2", "safetensors")  # each file's suffix is .FORMAT
-ONNX_HINT = "pip install onnx onnxscript"
+ONNX_HINT = "pip install onnx onnxscript (or pip install 'fastft[onnx]')"
 CHECK_IMAGES = 8  # test images the check runs: batches of 1 and of all of them
 # Max |logit difference| allowed, relative to max(1, max |logit|). Both sides are fp32 (eps 1.2e-7)
 # and differ in summation order only: the exporter folds BatchNorm into the convolutions and ONNX
@@ -149,13 +149,14 @@ def _check_packages(fmt: str, check: bool) -> None:
         import onnx  # noqa: F401  torch.onnx.export writes through both
         import onnxscript  # noqa: F401
     except ImportError as exc:
-        raise ConfigError(f"--format onnx needs the {exc.name} package: {ONNX_HINT}") from exc
+        raise ConfigError(f"--format onnx needs {missing_package(exc, 'the onnx and onnxscript packages')}: "
+                          f"{ONNX_HINT}") from exc
     if check:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as exc:
-            raise ConfigError(f"checking the ONNX export needs ONNX Runtime: {ORT_HINT} "
-                              f"(or pass --no-check to export without the check)") from exc
+            raise ConfigError(f"checking the ONNX export needs ONNX Runtime: {ORT_HINT}; "
+                              f"or pass --no-check to export without the check") from exc
 
 
 def output_path(run_dir: Path, fmt: str, out: Path | None) -> Path:

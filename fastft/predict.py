@@ -34,7 +34,7 @@ from fastft.model import ZIP_MAGIC, build_resnet18
 from fastft.runtime import pick_device
 from fastft.weights import preprocessing, read_model_file
 
-ORT_HINT = "pip install onnxruntime"
+ORT_HINT = "pip install onnxruntime (or pip install 'fastft[onnx]')"
 MODEL_FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors"}  # predict --model
 RUN_ERROR_CHARS = 300  # a runtime's message, flattened to one line, is cut here
 Logits = Callable[[torch.Tensor], torch.Tensor]  # (N, 3, S, S) fp32 CPU -> (N, classes) fp32 CPU

@@ -236,6 +236,8 @@ def cannot_write(folder: Path) -> str | None:
     for parent in (target, *target.parents):
         if parent == base:
             break
+        if parent.is_symlink() and not parent.exists():  # mkdir would raise FileExistsError
+            return f"{shown(parent)} is a symbolic link to {shown(os.readlink(parent))}, which does not exist"
         if parent.exists() and not parent.is_dir():
             return f"{shown(parent)} is a file, not a folder"
     if os.access(base, os.W_OK | os.X_OK):

@@ -52,6 +52,10 @@ EARLY = [
     (["eval", "--checkpoint", "run", "--top", "-1"], "--top must be 0 or more, got -1"),
     (["predict", "--checkpoint", "run", "--top-k", "0", "x.jpg"], "--top-k must be at least 1, got 0"),
     (["data", "synth", "out", "--synth-test", "1"], "--synth-train and --synth-test must be at least 2"),
+    (["train", "--seed", "99999999999999999999"], "--seed must be from 0 to 4294967295 (2^32 - 1), got "
+                                                "99999999999999999999"),  # torch: "Overflow when unpacking long long"
+    (["train", "--seed", "-1"], "--seed must be from 0 to 4294967295 (2^32 - 1), got -1"),
+    (["data", "synth", "out", "--seed", "4294967296"], "--seed must be from 0 to 4294967295 (2^32 - 1), got 4294967296"),
 ]
 
 PROBE = """

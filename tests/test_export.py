@@ -149,17 +149,29 @@ def test_missing_packages_are_one_line_with_the_install_command(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
     with pytest.raises(ConfigError) as caught:
         export_run(run, "onnx")
-    assert str(caught.value) == ("checking the ONNX export needs ONNX Runtime: pip install onnxruntime "
-                                 "(or pass --no-check to export without the check)")
+    assert str(caught.value) == ("checking the ONNX export needs ONNX Runtime: pip install onnxruntime (or pip "
+                                 "install 'fastft[onnx]'); or pass --no-check to export without the check")
     (run / "model.onnx").write_bytes(b"x")
     (run / "model.onnx.json").write_text(json.dumps({"image_size": 32, "resize": 37, "classes": CLASSES,
                                                      "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}))
     with pytest.raises(ConfigError) as caught:
         exported_logits(run / "model.onnx", "onnx")
-    assert str(caught.value) == "running model.onnx needs ONNX Runtime: pip install onnxruntime"
+    assert str(caught.value) == ("running model.onnx needs ONNX Runtime: pip install onnxruntime "
+                                 "(or pip install 'fastft[onnx]')")
     monkeypatch.setitem(sys.modules, "onnxscript", None)
-    with pytest.raises(ConfigError, match=r"^--format onnx needs the onnxscript package: pip install onnx onnxscript$"):
+    with pytest.raises(ConfigError) as caught:
         export_run(run, "onnx")
+    assert str(caught.value) == ("--format onnx needs the onnxscript package: pip install onnx onnxscript "
+                                 "(or pip install 'fastft[onnx]')")
+    # A module that raises ImportError itself (a native library that does not load) names no module.
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "onnx.py").write_text("raise ImportError('libonnx.so: cannot open shared object file')\n")
+    monkeypatch.delitem(sys.modules, "onnx", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    with pytest.raises(ConfigError) as caught:
+        export_run(run, "onnx")
+    assert str(caught.value) == ("--format onnx needs the onnx and onnxscript packages (libonnx.so: cannot open "
+                                 "shared object file): pip install onnx onnxscript (or pip install 'fastft[onnx]')")
     (run / "model.onnx.json").unlink()
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
     with pytest.raises(CheckpointError) as caught:

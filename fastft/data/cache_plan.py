@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from fastft.data.formats import size_problem
-from fastft.data.images import decode_problem, jpeg_frame_of, open_image, shown_path
+from fastft.data.images import decode_problem, open_image, shown_path, whole_jpeg_frame
 from fastft.data.layout import DatasetLayout
 from fastft.errors import ConfigError, DataError
 
@@ -41,7 +41,7 @@ def read_header(path: Path) -> Header:
         too_big = size_problem(width, height)
         if too_big is not None:
             raise ValueError(too_big)
-        frame = jpeg_frame_of(path)
+        frame = whole_jpeg_frame(path)  # a JPEG without EOI goes to load_rgb, which reads it
     except Exception as exc:  # PIL raises many types on a bad header
         # The reason `fastft data check` gives for the same file, so every path says it alike.
         reason = decode_problem(path) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -17,6 +17,7 @@ says what a file is (a PNG, AVIF or HEIC saved as .jpg is read as what it is).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image
 
 from fastft.data.decoders import missing_decoder, reader_of, torchcodec_image
 from fastft.data.formats import HEAD_BYTES, JpegFrame, jpeg_frame, jpeg_refusal, png_size, size_problem, sniff
+from fastft.data.jpeg_end import completed
 from fastft.data.rgb_modes import UnmappableImage, mode_note, to_rgb, unmappable
 from fastft.errors import DataError
 
@@ -188,7 +190,16 @@ def decode_problem(path: Path) -> str | None:
     except Image.UnidentifiedImageError:
         return _unidentified(peek.head)
     except Exception as exc:  # corrupt data makes PIL raise nearly anything
+        if _lacks_only_eoi(path, peek):  # load_rgb reads it whole (JPEG modes all map to RGB)
+            return None
         return f"truncated or corrupt {peek.kind or 'image'} ({_first_line(exc)})"
+
+
+def _lacks_only_eoi(path, peek: _Peek) -> bool:
+    """Whether `path` is a JPEG that holds every pixel but lacks its end marker (jpeg_end.py)."""
+    if peek.frame is None or peek.tail.endswith(_JPEG_END) or size_problem(peek.frame.width, peek.frame.height):
+        return False  # not a JPEG, one with EOI, or one over the pixel limit (refused before decoding)
+    return completed(path) is not None
 
 
 def _opened(path, kind: str | None) -> Image.Image:
@@ -211,26 +222,40 @@ def load_rgb(path: str | Path, at_least: tuple[int, int] | None = None) -> Image
     JPEG then decodes at the smallest of libjpeg's DCT scales, 1/8, 1/4, 1/2 or 1, that keeps
     both sides at least that large (Image.draft: ceil(side / scale) px), several times faster
     than a full decode and in a fraction of its memory; other formats decode in full.
-    Every mode maps as the module docstring's table says. Raises a one-line
+    A JPEG that lacks only its end marker is read whole, as the complete file would be
+    (jpeg_end.py). Every mode maps as the module docstring's table says. Raises a one-line
     DataError naming the file for a file PIL cannot decode or a mode that has
     no sensible RGB mapping, with decode_problem's reason ("empty file", "not an
     image: starts with ...", "truncated or corrupt PNG (...)"), so the loaders,
     predict and `data check` name a bad file the same way.
     """
     try:
-        with open_image(path) as img:
-            if size_problem(*img.size) is not None:  # decode_problem names it, below
-                raise ValueError("over the pixel limit")
-            if at_least is not None:
-                img.draft(img.mode, at_least)  # JPEG only; a no-op for every other format
-            img.load()
-            return to_rgb(img)
+        return _rgb(open_image(path), at_least)
     except UnmappableImage as exc:
         raise DataError(f"{shown_path(path)}: cannot map image to RGB ({exc})") from exc
     except Exception as exc:  # any decode failure is the file's fault
-        # The error path only: a second look at the file gives the reason the checks give.
-        reason = decode_problem(Path(path)) or f"cannot decode image ({_first_line(exc)})"
-        raise DataError(f"{shown_path(path)}: {reason}") from exc
+        # The error path only: a JPEG that lacks only its end marker is read with it appended
+        # (jpeg_end.py); for any other file a second look gives the reason the checks give.
+        whole = None if isinstance(exc, _OverLimit) else completed(path)
+        if whole is None:
+            reason = decode_problem(Path(path)) or f"cannot decode image ({_first_line(exc)})"
+            raise DataError(f"{shown_path(path)}: {reason}") from exc
+    return _rgb(Image.open(io.BytesIO(whole)), at_least)
+
+
+class _OverLimit(ValueError):
+    """An image over formats.size_problem's limit, found before its pixels decode."""
+
+
+def _rgb(opened: Image.Image, at_least: tuple[int, int] | None) -> Image.Image:
+    """load_rgb's decode of an opened image; closes it."""
+    with opened as img:
+        if size_problem(*img.size) is not None:  # decode_problem names it
+            raise _OverLimit(img.size)
+        if at_least is not None:
+            img.draft(img.mode, at_least)  # JPEG only; a no-op for every other format
+        img.load()
+        return to_rgb(img)
 
 
 def open_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -247,26 +272,34 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
         return _opened(path, kind)
 
 
-def jpeg_frame_of(path: str | os.PathLike[str]) -> JpegFrame | None:
-    """The frame header of `path` if its content is a JPEG (formats.jpeg_frame), else None."""
-    return _peek(path).frame
+def whole_jpeg_frame(path: str | os.PathLike[str]) -> JpegFrame | None:
+    """The frame header of `path` if its content is a JPEG that ends with its end marker, else
+    None: the JPEGs a batch decoder (nvJPEG) may take; load_rgb reads one that lacks EOI."""
+    peek = _peek(path)
+    return peek.frame if peek.tail.endswith(_JPEG_END) else None
 
 
 def image_note(path: Path) -> str | None:
     """mode_note of the file at `path` (header only, but for AVIF/HEIC that torchcodec
-    decodes), with its format where its name says another; None if it does not open."""
+    decodes), with its format where its name says another, and for a JPEG that lacks only its
+    end marker, that; None if it does not open."""
     try:
-        with open(path, "rb") as f:
-            kind = sniff(f.read(HEAD_BYTES))
-        with _opened(path, kind) as img:
+        peek = _peek(path)
+        with _opened(path, peek.kind) as img:
             note = mode_note(img)
+        notes = [_renamed_note(path, peek.kind), note]
+        if peek.kind == "JPEG" and _lacks_only_eoi(path, peek):
+            notes.append("JPEG without its end marker (EOI), every pixel present: read whole")
     except Exception:  # a bad file is decode_problem's business
         return None
+    return "; ".join(n for n in notes if n) or None
+
+
+def _renamed_note(path: Path, kind: str | None) -> str | None:
     named = _NAMED_FORMATS.get(_extension(path))
     if kind is not None and named is not None and kind != named:
-        renamed = f"{kind} data behind a {_extension(path)} name, read as {kind}"
-        note = f"{renamed}; {note}" if note else renamed
-    return note
+        return f"{kind} data behind a {_extension(path)} name, read as {kind}"
+    return None
 
 
 # (PIL format, mode) pairs whose DALI 2.4 CPU decode equals load_rgb within one
@@ -293,17 +326,20 @@ def dali_agrees(img: Image.Image) -> bool:
 
 
 def needs_dali_copy(path: Path) -> bool:
-    """True when DALI would decode `path` differently from load_rgb, or not at all (headers only).
+    """True when DALI would decode `path` differently from load_rgb, or not at all (headers only,
+    but for a JPEG without EOI at its end).
 
     By content, whatever the name: a lossless JPEG (DALI 2.4 fails on the grey ones, and its
-    GPU decoder takes no lossless JPEG), AVIF and HEIC get copies; other JPEGs and PNGs do not,
-    and are not opened: every mode Pillow opens them in is in _DALI_AGREES (16-bit PNG opens as
+    GPU decoder takes no lossless JPEG), a JPEG that lacks only its end marker (DALI stops at it:
+    "Premature end of JPEG data"), AVIF and HEIC get copies; other JPEGs and PNGs do not, and
+    are not opened: every mode Pillow opens them in is in _DALI_AGREES (16-bit PNG opens as
     I;16, or as RGB/RGBA for colour).
     """
     try:
         peek = _peek(path)
         if peek.kind in ("JPEG", "PNG", *_FOREIGN):
-            return peek.kind in _FOREIGN or (peek.frame is not None and peek.frame.lossless)
+            return peek.kind in _FOREIGN or (peek.frame is not None and peek.frame.lossless) or (
+                _lacks_only_eoi(path, peek))
         with Image.open(path) as img:
             return not dali_agrees(img)
     except Exception:  # a bad file is the bad-file check's business

@@ -28,6 +28,7 @@ from fastft.config import default_cache_dir
 from fastft.data.images import IMAGE_EXTENSIONS, decode_problem, image_note, needs_dali_copy, quick_problem
 from fastft.data.images import rgb_copy, utf8_link, utf8_name
 from fastft.data.images import shown_path as _shown
+from fastft.data.name_twins import case_hint, twin_warnings, unknown_test_class
 from fastft.errors import DataError
 from fastft.safe_write import writing
 
@@ -212,41 +213,13 @@ def _test_gaps(root: Path, classes: tuple[str, ...],
     return missing, lines
 
 
-def _case_hint(root: Path, split: str) -> str:
-    """A hint like `; found Train/: rename it to train/` when only the letter case differs
-    (names are case-sensitive on Linux, so Train/ is not train/); else ""."""
-    try:
-        near = sorted(e.name for e in os.scandir(root) if e.name.lower() == split and e.name != split)
-    except OSError:
-        return ""
-    return f"; found {_shown(near[0])}/: rename it to {split}/" if near else ""
-
-
-def _case_twins(split_dir: Path, names: list[str]) -> list[str]:
-    """A warning line for each set of class folders whose names differ only in letter case
-    (Dog/, dog/). They stay separate classes, as ImageFolder keeps them; see README, "Inputs"."""
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(name.casefold(), []).append(name)
-    return [f"{_shown(split_dir)}: class folders {' and '.join(map(_shown, group))} differ only in letter case; "
-            f"they are {len(group)} separate classes here (on macOS and Windows they would be one folder): "
-            f"merge them if they hold one class" for group in groups.values() if len(group) > 1]
-
-
-def _unknown_test_class(root: Path, name: str, classes: tuple[str, ...]) -> str:
-    twin = [c for c in classes if c.casefold() == name.casefold()]
-    hint = f"; train has {_shown(twin[0])}, which differs only in letter case: rename one" if twin else ""
-    return (f"{_shown(root / 'test' / name)}: test class {name!r} has no folder in {_shown(root / 'train')}, "
-            f"so the model could never predict it (train classes: {', '.join(classes)}){hint}")
-
-
 def _split_names(root: Path, ignored: list[Path], problems: list[str]) -> dict[str, list[str]]:
     """Each split's class folder names, for the splits that have any; a problem line for each other."""
     expected = f"expected {_shown(root / SPLITS[0])} and {_shown(root / SPLITS[1])}"
     names = {}
     for split in SPLITS:
         try:
-            _check_dir(root / split, f"missing split folder ({expected}{_case_hint(root, split)})")
+            _check_dir(root / split, f"missing split folder ({expected}{case_hint(root, split)})")
             names[split] = _class_names(root / split, ignored)
         except DataError as err:
             problems.append(str(err))
@@ -263,12 +236,12 @@ def _structure(root: Path) -> tuple[DatasetLayout, list[str]]:
     names = _split_names(root, ignored, problems)
     scanned = _scan_splits(root, names, ignored, skipped)
     train, test = scanned.get("train"), scanned.get("test", {})
-    warnings = [line for split, found in names.items() for line in _case_twins(root / split, found)]
+    warnings = [line for split, found in names.items() for line in twin_warnings(root / split, found)]
     # An empty train class: the head would have a class it never trains on.
     problems += [str(_no_images(root / "train" / name)) for name, paths in (train or {}).items() if not paths]
     classes = tuple(train if train is not None else test)
     extra = tuple(name for name in test if name not in classes)
-    problems += [_unknown_test_class(root, name, classes) for name in extra]
+    problems += [unknown_test_class(root, name, classes) for name in extra]
     if test and not any(test.values()):
         problems.append(str(_no_images(root / "test", " in any class folder")))
     missing, lines = _test_gaps(root, classes, test) if "test" in scanned and train is not None else ([], [])
