@@ -30,6 +30,9 @@ from fastft.errors import FastftError, Interrupted
 S = argparse.SUPPRESS  # options the user did not type stay out of the namespace
 IMPORTED_AT = time.perf_counter()  # a job's origin where /proc cannot say when the process started
 EXIT_ERROR = 2     # one line said what to fix
+# s another torchrun process waits before it exits with an error only rank 0 prints: rank 0 finds
+# it within a second of its start (no heavy import yet), and a busy machine may start it late.
+EARLY_ERROR_GRACE_S = 3.0
 EXIT_PROBLEMS = 3  # the report lists problems (data check, bench)
 
 
@@ -368,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         from fastft.cli_checks import print_on_this_rank
         if print_on_this_rank():  # every torchrun process found the same: one line, from rank 0
             print(f"fastft: error: {exc.one_line()}", file=sys.stderr)
+        else:  # torchrun stops every process when one exits: let rank 0 print its line first
+            time.sleep(EARLY_ERROR_GRACE_S)
         return EXIT_ERROR
     try:
         status = commands[args.command](args)

@@ -361,3 +361,17 @@ def test_a_bench_variant_that_failed_exits_3_as_data_check_does(monkeypatch):
     from fastft import bench
     monkeypatch.setattr(bench, "bench_main", lambda spec, json_path, plot_path: 1)  # a row with an error
     assert main(["bench", "--strategies", "frozen"]) == 3
+
+
+def test_another_torchrun_process_waits_for_rank_0_to_print_before_it_exits(monkeypatch, capsys):
+    """torchrun stops every process once one exits: a rank that prints nothing must not end first."""
+    from fastft import cli
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["train", "--image-size", "17"]) == 2
+    assert capsys.readouterr().err == "" and slept == [cli.EARLY_ERROR_GRACE_S]
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["train", "--image-size", "17"]) == 2
+    assert capsys.readouterr().err.startswith("fastft: error: --image-size must be") and len(slept) == 1
