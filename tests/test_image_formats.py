@@ -12,19 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, features
 
 from fastft.data import decoders
-from fastft.data.cached_loader import CachedLoaders, plan_cache, read_header
+from fastft.data.cached_loader import read_header
 from fastft.data.formats import MAX_PIXELS_ENV, max_pixels
 from fastft.data.images import decode_problem, image_note, load_rgb, needs_dali_copy, quick_problem
 from fastft.data.layout import check_report, scan_dataset
-from fastft.data.torch_loader import TorchLoaders
 from fastft.errors import ConfigError, DataError
-from fastft.runtime import Runtime
 from heif_writer import heic_writable, write_heic
 from jpeg_codings import flat_block_jpeg, lossless_jpeg
+from loader_agreement import dali_agrees, torch_equals_cached
 
 AVIF = pytest.mark.skipif(not features.check("avif"), reason="this Pillow was built without AVIF")
 
@@ -203,17 +201,9 @@ def test_torch_cached_and_dali_loaders_agree_on_them(tmp_path, monkeypatch):
     copied = {p.name for p in layout.dali_copies}
     assert copied == {"lossless.jpg", "grey.jpg"} | ({"phone.jpg"} if features.check("avif") else set()) | (
         {"iphone.jpg"} if heic else set())
-    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, compile=False, channels_last=False, workers=1)
-    torch_x = torch.cat([x for x, _ in TorchLoaders(layout, 32, 4, workers=0, seed=0).test_batches()])
-    cached = CachedLoaders(layout, 32, 4, rt, seed=0, plan=plan_cache(layout, 32, rt))
-    assert cached.train_size == len(layout.files["train"]) and len(torch_x) == n
-    assert torch.equal(torch.cat([x for x, _ in cached.test_batches()]), torch_x)
-    pytest.importorskip("nvidia.dali")
-    from fastft.data.dali_loader import DaliLoaders
-    dali_x = torch.cat([x for x, _ in DaliLoaders(layout, 32, 4, rt, seed=0).test_batches()])
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    levels = ((dali_x - torch_x) * std * 255).abs().flatten(1)  # test_cross_loader's tolerance
-    assert levels.max() <= 1.01 and levels.mean() <= 0.3, levels.max(1).values
+    torch_x = torch_equals_cached(layout)
+    assert len(torch_x) == n
+    dali_agrees(layout, torch_x)
 
 
 def test_data_check_reports_them_and_refuses_none(tmp_path):

@@ -13,13 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fastft.data.cached_loader import CachedLoaders, plan_cache, read_header
+from fastft.data.cached_loader import read_header
 from fastft.data.images import decode_problem, image_note, load_rgb, needs_dali_copy, quick_problem
 from fastft.data.jpeg_end import completed
 from fastft.data.layout import check_report, scan_dataset
-from fastft.data.torch_loader import TorchLoaders
 from fastft.errors import DataError
-from fastft.runtime import Runtime
+from loader_agreement import dali_agrees, torch_equals_cached
 
 EOI_NOTE = "JPEG without its end marker (EOI), every pixel present: read whole"
 
@@ -106,17 +105,9 @@ def test_torch_cached_and_dali_loaders_read_it_as_the_whole_file(tmp_path, monke
     names = [(p.parent.name, p.name) for p, _ in layout.files["test"]]
     assert names == [("a", "cut.jpg"), ("a", "whole.jpg"), ("b", "cut.jpg"), ("b", "whole.jpg")]
     assert {p.name for p in layout.dali_copies} == {"cut.jpg"}
-    rt = Runtime(device=torch.device("cpu"), amp_dtype=None, compile=False, channels_last=False, workers=1)
-    torch_x = torch.cat([x for x, _ in TorchLoaders(layout, 32, 4, workers=0, seed=0).test_batches()])
+    torch_x = torch_equals_cached(layout)
     assert torch.equal(torch_x[0], torch_x[1]) and torch.equal(torch_x[2], torch_x[3])
-    cached = CachedLoaders(layout, 32, 4, rt, seed=0, plan=plan_cache(layout, 32, rt))
-    assert torch.equal(torch.cat([x for x, _ in cached.test_batches()]), torch_x)
-    pytest.importorskip("nvidia.dali")
-    from fastft.data.dali_loader import DaliLoaders
-    dali_x = torch.cat([x for x, _ in DaliLoaders(layout, 32, 4, rt, seed=0).test_batches()])
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    levels = ((dali_x - torch_x) * std * 255).abs().flatten(1)  # test_cross_loader's tolerance
-    assert levels.max() <= 1.01 and levels.mean() <= 0.3, levels.max(1).values
+    dali_agrees(layout, torch_x)
 
 
 def test_data_check_lists_it_as_unusual_not_bad(tmp_path):
