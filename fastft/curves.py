@@ -197,8 +197,8 @@ def run_strategy(run_dir: Path) -> str:
 def run_labels(run_dirs: list[Path]) -> list[str]:
     """Each run's strategy; runs that share one add their folder's name, then its path."""
     labels = [run_strategy(d) for d in run_dirs]
-    for shown in (lambda d: d.name, lambda d: str(d)):
-        labels = [f"{run_strategy(d)} ({shown(d)})" if labels.count(label) > 1 else label
+    for name_of in (lambda d: d.name, lambda d: str(d)):
+        labels = [f"{run_strategy(d)} ({name_of(d)})" if labels.count(label) > 1 else label
                   for d, label in zip(run_dirs, labels)]
     return labels
 

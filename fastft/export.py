@@ -50,7 +50,7 @@ from fastft.predict import ORT_HINT, check_images, exported_logits, flat_reason,
 from fastft.report import write_json_atomic
 from fastft.rundir import RUN_FILES  # what a run folder holds: export's --out names none of them
 from fastft.safe_write import check_writable, failure, remove_quietly, write_bytes_atomic
-from fastft.weights import MODEL_FILE, exportable_state, import_safetensors, model_card, write_model_file
+from fastft.weights import exportable_state, import_safetensors, model_card, write_model_file
 
 FORMATS = ("onnx", "pt2", "safetensors")  # each file's suffix is .FORMAT
 ONNX_HINT = "pip install onnx onnxscript (or pip install 'fastft[onnx]')"
