@@ -45,8 +45,8 @@ def human_bytes(n: float) -> str:
 
 
 def shown(path) -> str:
-    """`path` as it may appear inside a one-line message (as fastft.data.images.shown_path, which
-    this module does not import: that pulls in PIL): a newline in a name would split the line."""
+    """`path` as it may appear inside a one-line message (fastft.data.images.shown_path is this one):
+    a newline in a name would split the line."""
     text = os.fspath(path)
     return text if text.isprintable() else repr(text)
 

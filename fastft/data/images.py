@@ -29,6 +29,7 @@ from fastft.data.formats import HEAD_BYTES, JpegFrame, jpeg_frame, jpeg_refusal,
 from fastft.data.jpeg_end import completed
 from fastft.data.rgb_modes import UnmappableImage, mode_note, to_rgb, unmappable
 from fastft.errors import DataError
+from fastft.safe_write import shown as shown_path  # one rule for a name inside a one-line message
 
 # Kept identical to torchvision.datasets.folder.IMG_EXTENSIONS so the scan
 # sees exactly the files ImageFolder would load; a test pins the equality.
@@ -51,12 +52,6 @@ _FOREIGN = ("AVIF", "HEIC")  # formats Pillow may not read: decoders.reader_of s
 # 89.5: one rule for every loader, predict and `data check`, DALI included.
 Image.MAX_IMAGE_PIXELS = None
 
-
-def shown_path(path: str | os.PathLike[str]) -> str:
-    """`path` as it may appear inside a one-line message."""
-    text = os.fspath(path)
-    # A newline in a file name would split a one-line error in two.
-    return text if text.isprintable() else repr(text)
 
 
 def _unidentified(head: bytes) -> str:
