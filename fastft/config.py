@@ -25,7 +25,7 @@ OPTIMIZERS = ("sgd", "apex-sgd")
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
 # strategy.REGISTRY's names (a test keeps the two equal), here so that a typo is caught before torch loads.
 STRATEGY_NAMES = ("finetune", "frozen", "probe", "hotdog", "scratch")
-PARTIAL_STAGES = 4  # partial:K freezes the stem and the first K of ResNet-18's 4 residual stages (4 = frozen)
+PARTIAL_STAGES = 4  # resnet18's stages: partial:K freezes the stem and the first K (each model says its own count)
 DEVICE_FORM = re.compile(r"(auto|cpu|cuda(:[0-9]+)?)")
 SYNTHETIC = "synthetic"  # --data's name for the generated set (fastft.data.SYNTHETIC)
 # Seeds go to torch.manual_seed (64 bits), numpy's SeedSequence and DALI (int64); 0..2^32-1 is the
@@ -50,7 +50,7 @@ def preferred_cache_dir() -> Path:
 class TrainConfig:
     # --- data ---
     data: str = ""                 # "" = the hotdog set (downloaded once), "synthetic", or a DIR
-    image_size: int = 224          # px, side of the square training crop
+    image_size: int = 0            # px, side of the square training crop; 0 = the model's own (224 for resnet18)
     loader: str = "auto"           # auto | torch | dali | cached
     workers: int = -1              # DataLoader processes; -1 = cores / processes - 1 (max 16) on CUDA, 0 on CPU
     uint8_batches: bool = True     # torch loader: ship uint8, normalise on the device
@@ -62,6 +62,7 @@ class TrainConfig:
     cache_max_side: int = 0        # px, longest side kept by --loader cached; 0 = full size
 
     # --- model and strategy ---
+    model: str = "resnet18"        # a torchvision classifier's builder name, or timm:NAME (fastft.models)
     strategy: str = "finetune"     # finetune | frozen | hotdog | scratch | partial:K
     weights: str = ""              # imagenet | none | PATH; "" = the strategy's default
 
@@ -113,10 +114,11 @@ def did_you_mean(value: str, choices: list[str] | tuple[str, ...]) -> str:
 def strategy_problem(spec: str) -> str | None:
     """Why `spec` names no strategy (finetune ... scratch, or partial:K with K = 0..4), else None."""
     name, _, k = spec.partition(":")
-    if spec in STRATEGY_NAMES or (name == "partial" and k.isdigit() and int(k) <= PARTIAL_STAGES):
+    # K is checked against the model's own stage count once it is built (fastft.strategy).
+    if spec in STRATEGY_NAMES or (name == "partial" and k.isdigit()):
         return None
-    choices = ", ".join([*STRATEGY_NAMES, f"partial:K (K = 0..{PARTIAL_STAGES})"])
-    hint = (f"; K counts the residual stages frozen after the stem, 0..{PARTIAL_STAGES}"
+    choices = ", ".join([*STRATEGY_NAMES, f"partial:K (K = stages frozen after the stem; resnet18 has {PARTIAL_STAGES})"])
+    hint = (f"; K counts the stages frozen after the stem (`fastft models NAME` lists them)"
             if name == "partial" else did_you_mean(spec, [*STRATEGY_NAMES, "partial:1"]))
     return f"unknown strategy {spec!r}; choose one of {choices}{hint}"
 
@@ -186,8 +188,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.epochs >= 1, f"--epochs must be at least 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
         (cfg.save_every >= 1, f"--save-every must be at least 1 epoch, got {cfg.save_every}"),
-        (cfg.image_size >= 32, f"--image-size must be at least 32 px (ResNet-18 halves it 5 times), "
-                               f"got {cfg.image_size}"),
+        (cfg.image_size == 0 or cfg.image_size >= 32,
+         f"--image-size must be at least 32 px (a CNN halves it 5 times), got {cfg.image_size}"),
         (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
         (cfg.head_lr_mult > 0, f"--head-lr-mult must be positive, got {cfg.head_lr_mult}"),
         (cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}"),
