@@ -37,7 +37,7 @@ EXIT_PROBLEMS = 3  # the report lists problems (data check, bench)
 
 
 def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune ResNet-18", argument_default=S,
+    p = sub.add_parser("train", help="fine-tune a model (ResNet-18 by default)", argument_default=S,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()
     p.add_argument("--data", help="ImageFolder DIR, 'synthetic', or omit for the hotdog set (default: download)")
@@ -57,7 +57,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--loss-reduction", choices=["sum", "mean"], help="sum over the batch, as the chapter "
                    "(default), or mean, which needs lr x batch and weight decay / batch for the same step")
     p.add_argument("--weights", help="imagenet|none|PATH (default: imagenet, none for scratch)")
-    p.add_argument("--image-size", type=int, help=f"px (default: {d.image_size})")
+    p.add_argument("--model", help="a torchvision classifier (resnet50, efficientnet_b0, vit_b_16, ...) or "
+                   "timm:NAME; `fastft models` lists them (default: resnet18)")
+    p.add_argument("--image-size", type=int, help="px (default: the model's own, 224 for resnet18)")
     p.add_argument("--loader", choices=["auto", "dali", "torch", "cached"],
                    help="auto = cached where the decoded set fits --cache-gb, else dali if it imports, "
                    "else torch (default: auto)")
@@ -239,6 +241,8 @@ def parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_bench_parser(sub)
     add_plot_parser(sub)
+    models = sub.add_parser("models", help="the models fastft trains, or one model's stages, head and input")
+    models.add_argument("name", nargs="?", help="e.g. resnet50 or timm:convnext_atto")
     return p
 
 
@@ -334,6 +338,12 @@ def run_bench(args: argparse.Namespace) -> int:
     return EXIT_PROBLEMS if failed else 0
 
 
+def run_models(args: argparse.Namespace) -> int:
+    from fastft.models.listing import detail_lines, list_lines
+    print("\n".join(detail_lines(args.name) if args.name else list_lines()))
+    return 0
+
+
 def run_plot(args: argparse.Namespace) -> int:
     from fastft.curves import image_file, plot_runs, run_labels
 
@@ -364,7 +374,7 @@ def exit_without_teardown(status: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     commands = {"train": run_train, "data": run_data, "predict": run_predict, "bench": run_bench,
-                "plot": run_plot, "eval": run_eval, "export": run_export}
+                "plot": run_plot, "eval": run_eval, "export": run_export, "models": run_models}
     try:
         check_early(args)
     except EarlyError as exc:

@@ -33,8 +33,9 @@ from fastft.data import build_loaders, resolve_data_dir
 from fastft.data.layout import check_classes, scan_dataset
 from fastft.errors import CheckpointError, ConfigError, WriteError
 from fastft.fastpath import TrainFeatures
-from fastft.forward import Forward, compile_fallbacks
-from fastft.model import build_resnet18, load_matching, source_weights
+from fastft.forward import Forward, compile_fallbacks, fast_path_line
+from fastft.model import load_matching, source_weights
+from fastft.models import get_spec
 from fastft.optim import build_optimizer
 from fastft.phases import PhaseClock
 from fastft.report import Reporter, precision_line
@@ -89,6 +90,8 @@ class Trainer:
         for line in [*warnings, *cache_notes()]:
             self.reporter.warn(line)
         self.strategy = get_strategy(self.cfg.strategy)  # a typo fails before any data work
+        self.spec = get_spec(self.cfg.model)  # an unknown name too; then the model's own input size
+        self.cfg.image_size = self.cfg.image_size or self.spec.preprocessing().image_size
         self.peak_reset = reset_peak_memory(self.rt.device)  # False: the peak covers earlier runs too
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
@@ -160,7 +163,7 @@ class Trainer:
                                                       len(self.layout.files["test"]))
         self.reporter.say(self.compile_reason)
         self.reporter.say(precision_line(self.cfg.amp, self.rt.amp_name, self.rt.device.type))
-        self.data = build_loaders(self.cfg, self.layout, self.rt)
+        self.data = build_loaders(self.cfg, self.layout, self.rt, self.preprocessing, self._bn_downsample())
         self.phases.data_ready(self.scan_s + time.perf_counter() - started, getattr(self.data, "decode_s", 0.0))
         self.reporter.say(
             f"data {self.data_dir}: {self.data.train_size} train / {self.data.test_size} test images, "
@@ -172,26 +175,42 @@ class Trainer:
             self.reporter.warn(oversized)
 
     def _setup_model(self, saved: dict | None) -> None:
-        model = build_resnet18(len(self.layout.classes))
+        model = self.spec.build(len(self.layout.classes), self.cfg.image_size)
+        structure = self.spec.structure(model)
+        self.strategy.frozen_units(structure)  # partial:K beyond the model's stages fails before any download
         if saved is None:  # a resumed run takes every tensor from its checkpoint, no download
-            weights = self.cfg.weights or self.strategy.default_weights
-            source, label = source_weights(weights)
-            if source is not None:
-                for line in load_matching(model, source, label).lines():
-                    self.reporter.say(line)
-            note = self.strategy.init_head(model, source, list(self.layout.classes))
-            if note:
-                self.reporter.say(note)
-        self.strategy.freeze(model)
+            self._load_start_weights(model, structure)
+        self.strategy.freeze(model, structure)
         if self.cfg.sync_bn and self.rt.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.rt.device, memory_format=self.rt.memory_format)
+        self.structure = self.spec.structure(self.model)  # SyncBatchNorm replaced modules: describe anew
+        self.preprocessing = self.spec.preprocessing().at_size(self.cfg.image_size)
         # Each process draws its own augmentation numbers from here on; the model above
         # is built from the same seed everywhere.
         torch.manual_seed(self.cfg.seed + self.rt.rank)
 
+    def _load_start_weights(self, model: nn.Module, structure) -> None:
+        """--weights (or the strategy's default) into `model`, then the strategy's head init."""
+        weights = self.cfg.weights or self.strategy.default_weights
+        source, label = source_weights(weights, self.spec, self.cfg.image_size)
+        if source is not None:
+            for line in load_matching(model, source, label, structure.head_path).lines():
+                self.reporter.say(line)
+        note = self.strategy.init_head(model, source, list(self.layout.classes), structure)
+        if note:
+            self.reporter.say(note)
+
+    def _bn_downsample(self) -> int:
+        """px of input per last-stage position where a BatchNorm trains (the smallest batch a step
+        may hold depends on it); 0 where none trains: every unit frozen, or no BatchNorm."""
+        k = self.strategy.frozen_units(self.structure)
+        trains_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for unit in self.structure.units[k:] for top in unit.modules for m in top.modules())
+        return self.structure.downsample if trains_bn else 0
+
     def _setup_optimizer(self) -> None:
-        groups = self.strategy.param_groups(self.model, self.cfg.lr, self.cfg.head_lr_mult)
+        groups = self.strategy.param_groups(self.model, self.cfg.lr, self.cfg.head_lr_mult, self.structure)
         self.optimizer = build_optimizer(groups, self.cfg, self.rt.device)
         # Only fp16 needs loss scaling; a disabled scaler passes everything straight through.
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.rt.amp_dtype == torch.float16)
@@ -199,13 +218,12 @@ class Trainer:
     def _wrap_model(self) -> None:
         """The forward as it will run: frozen fast path, DDP, compile (built after any resume)."""
         keeps = self.strategy.keep_train_features  # its features come from the prefix: always split
-        self.forward = Forward(self.model, self.strategy.frozen_stages, self.cfg.fast_frozen or keeps, self.rt,
-                               self.cfg.compile_mode)
+        self.forward = Forward(self.model, self.strategy.frozen_units(self.structure), self.cfg.fast_frozen or keeps,
+                               self.rt, self.cfg.compile_mode, self.structure)
         self.train_features = self._train_features() if keeps else None
-        if self.forward.prefix is not None:
-            self.reporter.say(f"fast path: {self.strategy.frozen_stages} frozen stage(s) run BN-folded "
-                              f"without autograd" + ("; test features computed once and kept"
-                                                     if self.forward.cache is not None else ""))
+        line = fast_path_line(self.spec.name, self.structure, self.strategy.frozen_units(self.structure), self.forward)
+        if line:
+            self.reporter.say(line)
         self.graphs_before, self.fallbacks_before = compiled_graphs(), compile_fallbacks()
 
     def _train_features(self) -> TrainFeatures:
@@ -280,7 +298,7 @@ class Trainer:
         return losses.detach().sum(), (logits.detach().argmax(dim=1) == y).sum()
 
     def train_epoch(self, epoch: int) -> dict:
-        self.strategy.set_train_mode(self.model)
+        self.strategy.set_train_mode(self.model, self.structure)
         device = self.rt.device
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)

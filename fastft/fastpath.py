@@ -1,12 +1,15 @@
-"""The frozen fast path: the frozen prefix of ResNet-18 as a BN-folded inference module.
+"""The frozen fast path: a model's frozen prefix as a BN-folded inference module.
 
-A strategy freezes the first K of STAGES (the stem, then layer1..layer4). Nothing
-before the first trainable layer needs a gradient, so that prefix can run as pure
-inference: BatchNorm folded into the convolutions (eval-mode BN is an affine map),
-no autograd graph, compiled on its own. Only the suffix, made of the model's own
-modules, records a graph and does backward.
+A strategy freezes the first K units of the model's Structure (fastft.models: the
+stem, then the stages; ResNet's layer1..layer4, ViT's block groups). Nothing before
+the first trainable layer needs a gradient, so that prefix can run as pure
+inference: BatchNorm folded into the convolutions before it (eval-mode BN is an
+affine map) wherever such pairs exist, no autograd graph, compiled on its own. Only
+the suffix, made of the model's own modules, records a graph and does backward.
+A family that describes its forward as a sequence gets the split for every K; any
+other model gets it for the whole backbone only (a copy whose head is nn.Identity).
 
-    split = split_for_training(model, strategy.frozen_stages)   # after weights are final
+    split = split_for_training(model, k, structure=structure)    # after weights are final
     with torch.no_grad():                                         # not inference_mode: see below
         features = split.prefix(x)
     logits = split.suffix(features)                               # == model(x), with grads
@@ -15,7 +18,7 @@ The prefix is a snapshot: build it after loading or resuming the weights. It run
 under `torch.no_grad()` rather than `torch.inference_mode()` because the head's
 Linear saves its input for backward, and an inference tensor cannot be saved.
 
-For the frozen backbone (K = 5) the test transform is deterministic, so the test
+For the frozen backbone (K = all units) the test transform is deterministic, so the test
 features are the same every epoch: `FeatureCache` computes them once, and later
 evaluations run the head alone. `--strategy probe` keeps the train features too
 (`TrainFeatures`): its train images take the test transform.
@@ -32,10 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastft.strategy import HEAD, STAGES
+from fastft.models.base import Structure, set_submodule
 
-STEM_TAIL = ("relu", "maxpool")   # stateless; they follow the stem in torchvision's forward
-POOL = "avgpool"
+# A folded prefix must equal the unfolded one to within fp32 rounding (relative to the output's
+# scale); more means a pair was not what its names said, and the prefix stays unfolded.
+FOLD_CHECK_RTOL = 1e-4
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -64,8 +68,10 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 def fold_all_bn(module: nn.Module) -> int:
     """Fold, in place, every BatchNorm2d that directly follows its conv; returns how many.
 
-    torchvision's ResNet pairs them two ways: siblings `convN`/`bnN` inside a block,
-    and consecutive entries of a Sequential (`downsample = Sequential(conv, bn)`).
+    torchvision pairs them two ways: siblings `convN`/`bnN` inside a block (ResNet), and
+    consecutive entries of a Sequential (ResNet's downsample, Conv2dNormActivation in
+    EfficientNet, MobileNet and RegNet). Only plain BatchNorm2d folds: a subclass may do more
+    (timm's BatchNormAct2d applies its activation too). `checked_fold` verifies the result.
     """
     count = 0
     children = dict(module.named_children())
@@ -75,7 +81,7 @@ def fold_all_bn(module: nn.Module) -> int:
         pairs = [("conv" + name[2:], name) for name in children if name.startswith("bn")]
     for conv_name, bn_name in pairs:
         conv, bn = children.get(conv_name), children.get(bn_name)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+        if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
             setattr(module, conv_name, fold_bn(conv, bn))
             setattr(module, bn_name, nn.Identity())
             count += 1
@@ -110,6 +116,7 @@ class SplitForward:
     prefix: nn.Module | None
     suffix: nn.Module
     frozen_stages: int
+    folded: int = 0              # BatchNorms folded into the convolution before them
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The whole forward; the prefix under no_grad. The engine may call the parts itself."""
@@ -126,51 +133,81 @@ class SplitForward:
         return self
 
 
-def _prefix_names(frozen_stages: int) -> list[str]:
-    names = [name for stage in STAGES[:frozen_stages] for name in stage]
-    names[2:2] = list(STEM_TAIL)  # after conv1, bn1
-    return names
+def _prefix_and_suffix(model: nn.Module, structure: Structure, k: int) -> tuple[list, list]:
+    """(modules of the frozen prefix, the model's own modules after it) for k frozen units."""
+    whole = k == len(structure.units)
+    if structure.sequence is not None:
+        cut = len(structure.units) + 1 if whole else k  # a wholly frozen backbone takes the tail too
+        prefix = [copy.deepcopy(m) for unit, m in structure.sequence if unit < cut]
+        return prefix, [m for unit, m in structure.sequence if unit >= cut]
+    if not whole:
+        return [], []
+    body = copy.deepcopy(model)  # the forward is not described: the whole model, its head an identity
+    set_submodule(body, structure.head_path, nn.Identity())
+    return [body], [structure.head]
 
 
-def _suffix_names(frozen_stages: int) -> list[str]:
-    rest = [name for stage in STAGES[frozen_stages:] for name in stage]
-    if frozen_stages == 0:
-        rest[2:2] = list(STEM_TAIL)
-    return rest
+def split_for_training(model: nn.Module, frozen_stages: int, fold: bool = True,
+                       structure: Structure | None = None) -> SplitForward | None:
+    """Split the model's forward after its last frozen unit (fastft.models.Structure).
 
-
-def split_for_training(model: nn.Module, frozen_stages: int, fold: bool = True) -> SplitForward:
-    """Split torchvision's ResNet forward after the last frozen stage.
-
-    prefix: FrozenPrefix of deep copies of the frozen modules (and relu/maxpool after the stem; for
-    K = 5 also avgpool + flatten, so it returns the (N, 512) features), BN folded when
-    `fold`, eval mode, requires_grad False; on the model's device and layout.
+    prefix: FrozenPrefix of deep copies of the frozen modules (for the whole backbone also the
+    tail, so it returns the (N, feature_dim) features), BN folded when `fold` (checked_fold),
+    eval mode, requires_grad False; on the model's device and layout.
     suffix: TrainableSuffix of the model's OWN remaining modules, so the optimizer, the
-    checkpoint and DDP keep seeing the same parameters. suffix(prefix(x)) == model(x)
-    with the frozen modules in eval mode.
+    checkpoint and DDP keep seeing the same parameters. suffix(prefix(x)) == model(x) with the
+    frozen modules in eval mode. None when the family describes no sequence and only part of
+    the backbone is frozen (the model then runs whole; its frozen units record no graph anyway).
     """
-    if not 0 <= frozen_stages <= len(STAGES):
-        raise ValueError(f"frozen_stages must be in 0..{len(STAGES)}, got {frozen_stages}")
-    tail = [getattr(model, POOL), nn.Flatten(1)]
-    suffix_modules = [getattr(model, name) for name in _suffix_names(frozen_stages)]
-    if frozen_stages < len(STAGES):
-        suffix_modules += tail
-    suffix = TrainableSuffix(*suffix_modules, getattr(model, HEAD))
+    if structure is None:
+        from fastft.strategy import structure_of
+        structure = structure_of(model)
+    if not 0 <= frozen_stages <= len(structure.units):
+        raise ValueError(f"frozen_stages must be in 0..{len(structure.units)}, got {frozen_stages}")
     if frozen_stages == 0:
-        return SplitForward(None, suffix, 0)
-    prefix_modules = [copy.deepcopy(getattr(model, name)) for name in _prefix_names(frozen_stages)]
-    if frozen_stages == len(STAGES):
-        prefix_modules += [copy.deepcopy(m) for m in tail]
-    prefix = FrozenPrefix(*prefix_modules)
-    if fold:
-        fold_all_bn(prefix)
+        return SplitForward(None, model, 0)
+    prefix_modules, suffix_modules = _prefix_and_suffix(model, structure, frozen_stages)
+    if not prefix_modules:
+        return None
+    prefix = FrozenPrefix(*prefix_modules).eval()
+    folded = checked_fold(prefix, _probe_input(model, structure)) if fold else 0
     prefix.eval().requires_grad_(False)
-    return SplitForward(prefix, suffix, frozen_stages)
+    return SplitForward(prefix, TrainableSuffix(*suffix_modules), frozen_stages, folded)
 
 
-def caches_features(frozen_stages: int) -> bool:
-    """Test features can be kept only when the whole backbone is frozen (small: N x 512)."""
-    return frozen_stages == len(STAGES)
+def _probe_input(model: nn.Module, structure: Structure) -> torch.Tensor:
+    """Two random images at the smallest size the model surely takes (its downsampling x 2)."""
+    first = next(iter(model.parameters()))
+    side = max(64, 2 * structure.downsample)
+    size = getattr(model, "image_size", side)  # torchvision's ViT fixes its input size
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(2, 3, size, size, generator=generator).to(first.device, first.dtype)
+
+
+def checked_fold(prefix: nn.Module, x: torch.Tensor) -> int:
+    """fold_all_bn on a copy of `prefix`, adopted only if its output on `x` equals the unfolded
+    one to FOLD_CHECK_RTOL of the output's scale; returns the BatchNorms folded (0: left as is,
+    also when the prefix does not take `x`). `prefix` must be in eval mode."""
+    if not any(type(m) is nn.BatchNorm2d for m in prefix.modules()):
+        return 0
+    folded = copy.deepcopy(prefix)
+    count = fold_all_bn(folded)
+    try:
+        with torch.no_grad():
+            reference, out = prefix(x), folded.eval()(x)
+    except (RuntimeError, ValueError, AssertionError):  # an input size the model refuses
+        return 0
+    if not count or (out - reference).abs().max() > FOLD_CHECK_RTOL * reference.abs().max().clamp(min=1):
+        return 0
+    for name, child in folded.named_children():
+        setattr(prefix, name, child)
+    return count
+
+
+def caches_features(frozen_stages: int, units: int = 5) -> bool:
+    """Test features can be kept only when the whole backbone is frozen (small: N x feature_dim).
+    `units`: the model's (5 for ResNet: the stem and 4 stages)."""
+    return frozen_stages == units
 
 
 class FeatureCache:

@@ -27,6 +27,7 @@ from torch import nn
 
 from fastft import distributed
 from fastft.fastpath import FeatureCache, caches_features, cached_accuracy, split_for_training
+from fastft.models.base import Structure
 from fastft.runtime import Runtime
 
 
@@ -34,11 +35,15 @@ class Forward:
     """The run's forward: `forward(x)` for a training step, `evaluate(x)` for test batches."""
 
     def __init__(self, model: nn.Module, frozen_stages: int, fast_frozen: bool, rt: Runtime,
-                 compile_mode: str = "default"):
-        self.prefix, local = None, model
-        if fast_frozen and frozen_stages > 0:
-            split = split_for_training(model, frozen_stages).to(rt.device, memory_format=rt.memory_format)
-            self.prefix, local = split.prefix, split.suffix
+                 compile_mode: str = "default", structure: Structure | None = None):
+        self.prefix, local, self.folded = None, model, 0
+        if structure is None:
+            from fastft.strategy import structure_of
+            structure = structure_of(model)
+        split = split_for_training(model, frozen_stages, structure=structure) if fast_frozen and frozen_stages else None
+        if split is not None:
+            split.to(rt.device, memory_format=rt.memory_format)
+            self.prefix, local, self.folded = split.prefix, split.suffix, split.folded
         self.local = local  # the trained piece without DDP: its buffers are what DDP would broadcast
         wrapped = local
         if rt.distributed:
@@ -48,7 +53,8 @@ class Forward:
         self.trainable = _compiled(wrapped, rt, compile_mode)
         self.evaluating = _compiled(local, rt, compile_mode) if rt.distributed else self.trainable
         self.frozen = _compiled(self.prefix, rt, compile_mode) if self.prefix is not None else None
-        self.cache = FeatureCache() if self.prefix is not None and caches_features(frozen_stages) else None
+        units = len(structure.units)
+        self.cache = FeatureCache() if self.prefix is not None and caches_features(frozen_stages, units) else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen prefix's output (no graph), or x itself when nothing runs apart."""
@@ -88,6 +94,20 @@ class Forward:
             if not self.cache.ready:
                 self.cache.fill(batches, self.features)
             return cached_accuracy(self.cache, self.evaluating)
+
+
+def fast_path_line(model_name: str, structure: Structure, frozen: int, forward: Forward) -> str | None:
+    """The log's line on which fast paths apply to `frozen` frozen units; None when none is frozen."""
+    if frozen == 0:
+        return None
+    names = ", ".join(unit.name for unit in structure.units[:frozen])
+    if forward.prefix is None:
+        return (f"fast path: {model_name}'s frozen {names} run inside the model without autograd (no split: "
+                f"the family describes no forward sequence, so no BatchNorm folding)")
+    folded = (f"{forward.folded} BatchNorm(s) folded into their convolutions" if forward.folded
+              else "no BatchNorm to fold")
+    kept = "; test features computed once and kept" if forward.cache is not None else ""
+    return f"fast path: frozen {names} run apart in inference mode without autograd, {folded}{kept}"
 
 
 def _compiled(module: nn.Module, rt: Runtime, mode: str):

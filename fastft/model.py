@@ -353,7 +353,7 @@ class LoadReport:
         return out
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: str, head_path: str = HEAD) -> LoadReport:
     """Copy every tensor whose name and shape match; report the rest."""
     own = model.state_dict()
     report = LoadReport(source=source)
@@ -388,10 +388,10 @@ def _check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
                                    f"{tensor.numel()}; the file comes from a run that diverged or is damaged")
 
 
-def source_weights(spec: str) -> tuple[dict[str, torch.Tensor] | None, str]:
+def source_weights(spec: str, model_spec=None, image_size: int = 224) -> tuple[dict[str, torch.Tensor] | None, str]:
     """The state_dict named by --weights (imagenet | none | PATH) and a label for it."""
     if spec == "none":
         return None, "none"
     if spec == "imagenet":
-        return imagenet_state_dict(), "imagenet"
+        return (model_spec.imagenet_state_dict() if model_spec else imagenet_state_dict()), "imagenet"
     return read_weights(spec)

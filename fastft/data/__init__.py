@@ -60,44 +60,45 @@ def check_train_split(n_train: int, world_size: int) -> None:
 MIN_BN_VALUES = 4
 
 
-def min_train_batch(cfg: TrainConfig, synced_processes: int = 1) -> int:
+def min_train_batch(cfg: TrainConfig, synced_processes: int = 1, downsample: int = 32) -> int:
     """Fewest images per process a train step may hold at cfg.image_size: MIN_BN_VALUES spread over
-    the last stage's ceil(image_size / 32)^2 positions per image and the processes a SyncBatchNorm
-    pools over; 1 when every stage is frozen (their BatchNorms run in eval mode)."""
-    from fastft.strategy import STAGES, get_strategy
-    if get_strategy(cfg.strategy).frozen_stages >= len(STAGES):
+    the last stage's ceil(image_size / downsample)^2 positions per image and the processes a
+    SyncBatchNorm pools over. `downsample`: px of input per last-stage position (ResNet halves
+    the side 5 times: 32); 0 = no BatchNorm trains (every stage frozen, or a model without BN): 1."""
+    if downsample <= 0:
         return 1
-    side = math.ceil(cfg.image_size / 32)  # ResNet-18 halves the side 5 times, rounding up
+    side = math.ceil(cfg.image_size / downsample)
     return max(1, math.ceil(MIN_BN_VALUES / (side * side * synced_processes)))
 
 
 def check_batch_norm(cfg: TrainConfig, batch_sizes: set[int], synced_processes: int = 1,
-                     batch_per_rank: int | None = None) -> None:
+                     batch_per_rank: int | None = None, downsample: int = 32) -> None:
     """Stop up front where a train step would give a train-mode BatchNorm fewer than MIN_BN_VALUES
     values per channel (1 makes torch raise inside the model; a few make the weights blow up).
 
     `batch_sizes`: images per process in the train steps, after the loader dropped a ragged last
     batch below min_train_batch (so what is left is a full batch, or the only, partial, batch);
     `synced_processes`: processes a SyncBatchNorm pools its statistics over; `batch_per_rank`:
-    a full batch per process (default --batch-size), to name the cause. Raises ConfigError.
+    a full batch per process (default --batch-size), to name the cause; `downsample` as in
+    min_train_batch. Raises ConfigError.
     """
-    smallest, needed = min(batch_sizes), min_train_batch(cfg, synced_processes)
+    smallest, needed = min(batch_sizes), min_train_batch(cfg, synced_processes, downsample)
     if smallest >= needed:
         return
-    side = math.ceil(cfg.image_size / 32)
+    side = math.ceil(cfg.image_size / downsample)
     values = smallest * side * side * synced_processes
     full = batch_per_rank or cfg.batch_size
     cause = (f"--batch-size {cfg.batch_size} gives {full} image(s) per process per step" if smallest == full else
              f"the train split gives each process only {smallest} image(s), one batch smaller than "
              f"--batch-size {cfg.batch_size}")
-    bigger = 32 * math.ceil(math.sqrt(MIN_BN_VALUES / (smallest * synced_processes)))
+    bigger = downsample * math.ceil(math.sqrt(MIN_BN_VALUES / (smallest * synced_processes)))
     raise ConfigError(f"{cause}: at --image-size {cfg.image_size} the last stage is {side}x{side}, so its "
                       f"BatchNorms would normalise {values} value(s) per channel, fewer than the "
                       f"{MIN_BN_VALUES} that keep training stable; use at least {needed} images per "
                       f"process, --image-size {bigger}, or --strategy frozen")
 
 
-def build_loaders(cfg: TrainConfig, layout, rt):
+def build_loaders(cfg: TrainConfig, layout, rt, preprocessing=None, bn_downsample: int = 32):
     """The backend for `--loader` on runtime `rt` (device, AMP dtype, layout, workers, rank);
     `auto` is cached where the decoded set fits its budget (image headers decide, before any
     decode), else DALI whenever it imports, else torch."""
@@ -112,7 +113,7 @@ def build_loaders(cfg: TrainConfig, layout, rt):
                           "pip install nvidia-dali-cuda120, or use --loader torch")
     plan = _cached_plan(cfg, layout, rt) if cfg.loader in ("cached", "auto") else None
     synced = rt.world_size if cfg.sync_bn and rt.distributed else 1
-    min_batch = min_train_batch(cfg, synced)  # a smaller ragged last batch is dropped (not DALI's: it drops all)
+    min_batch = min_train_batch(cfg, synced, bn_downsample)  # a smaller ragged last batch is dropped (not DALI's: it drops all)
     # Under DDP every process must pick the same backend: cached only where it fits everywhere.
     from fastft.distributed import all_true  # torch: not imported by `fastft data`
     fits = plan is not None and all_true(plan.fits, rt.device)
@@ -131,7 +132,7 @@ def build_loaders(cfg: TrainConfig, layout, rt):
         loaders = TorchLoaders(layout, cfg.image_size, batch_per_rank, rt.workers, cfg.seed,
                                rt.rank, rt.world_size, pin_memory=rt.device.type == "cuda",
                                rt=rt, drop_ragged=rt.compile, uint8=cfg.uint8_batches, min_batch=min_batch)
-    check_batch_norm(cfg, loaders.train_batch_sizes(), synced, batch_per_rank)
+    check_batch_norm(cfg, loaders.train_batch_sizes(), synced, batch_per_rank, bn_downsample)
     return _auto_noted(loaders, plan) if cfg.loader == "auto" else loaders
 
 

@@ -9,7 +9,7 @@ See base.py for the three records (Preprocessing, Structure, Family) and registr
 """
 
 from fastft.models.base import DEFAULT_PREPROCESSING, Preprocessing, Structure, Unit
-from fastft.models.registry import DEFAULT_MODEL, ModelSpec, get_spec, torchvision_classifiers
+from fastft.models.registry import DEFAULT_MODEL, ModelSpec, describe, get_spec, torchvision_classifiers
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_PREPROCESSING", "ModelSpec", "Preprocessing", "Structure", "Unit",
+__all__ = ["DEFAULT_MODEL", "DEFAULT_PREPROCESSING", "ModelSpec", "Preprocessing", "Structure", "Unit", "describe",
            "get_spec", "torchvision_classifiers"]

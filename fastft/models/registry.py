@@ -136,3 +136,18 @@ def get_spec(name: str) -> ModelSpec:
         hint = did_you_mean(name, known) or "; `fastft models` lists them"
         raise ConfigError(f"--model {name}: not a torchvision classifier{hint} (timm's as timm:NAME)")
     return ModelSpec(name, next(f for f in FAMILIES[1:] if f.matches(name)))
+
+
+# torchvision's model classes -> the family that describes them (describe(), for a model built elsewhere).
+CLASS_FAMILIES = {"ResNet": ResNetFamily, "RegNet": RegNetFamily, "EfficientNet": FeaturesFamily,
+                  "MobileNetV2": FeaturesFamily, "MobileNetV3": FeaturesFamily, "ConvNeXt": ConvNeXtFamily,
+                  "VisionTransformer": ViTFamily}
+
+
+def describe(model: nn.Module) -> Structure:
+    """The Structure of an already built model: a timm model (it carries `pretrained_cfg`), a
+    torchvision class in CLASS_FAMILIES, else the generic description (head only)."""
+    if hasattr(model, "pretrained_cfg") and hasattr(model, "group_matcher"):
+        return TimmFamily().structure(model)
+    family = CLASS_FAMILIES.get(type(model).__name__, GenericFamily)
+    return family().structure(model)
