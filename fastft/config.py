@@ -111,14 +111,16 @@ def did_you_mean(value: str, choices: list[str] | tuple[str, ...]) -> str:
     return f"; did you mean {lowered[near[0]]}?" if near else ""
 
 
-def strategy_problem(spec: str) -> str | None:
-    """Why `spec` names no strategy (finetune ... scratch, or partial:K with K = 0..4), else None."""
+def strategy_problem(spec: str, model: str = "resnet18") -> str | None:
+    """Why `spec` names no strategy (finetune ... scratch, or partial:K), else None. K is checked
+    here for resnet18 (4 stages); for other models once the model is built (fastft.strategy)."""
     name, _, k = spec.partition(":")
-    # K is checked against the model's own stage count once it is built (fastft.strategy).
-    if spec in STRATEGY_NAMES or (name == "partial" and k.isdigit()):
+    if spec in STRATEGY_NAMES or (name == "partial" and k.isdigit() and (model != "resnet18" or
+                                                                         int(k) <= PARTIAL_STAGES)):
         return None
-    choices = ", ".join([*STRATEGY_NAMES, f"partial:K (K = stages frozen after the stem; resnet18 has {PARTIAL_STAGES})"])
-    hint = (f"; K counts the stages frozen after the stem (`fastft models NAME` lists them)"
+    choices = ", ".join([*STRATEGY_NAMES, f"partial:K (K = 0..{PARTIAL_STAGES} for resnet18)"])
+    hint = (f"; K counts the residual stages frozen after the stem, 0..{PARTIAL_STAGES} for resnet18 "
+            f"(`fastft models NAME` lists a model's)"
             if name == "partial" else did_you_mean(spec, [*STRATEGY_NAMES, "partial:1"]))
     return f"unknown strategy {spec!r}; choose one of {choices}{hint}"
 
@@ -211,7 +213,7 @@ def validate(cfg: TrainConfig) -> None:
          f"--loss-reduction must be one of {LOSS_REDUCTIONS}, got {cfg.loss_reduction!r}"),
     ]
     problems = [_numbers_problem(cfg)] + [message for ok, message in checks if not ok]
-    problems += [strategy_problem(cfg.strategy), device_problem(cfg.device), seed_problem(cfg.seed)]
+    problems += [strategy_problem(cfg.strategy, cfg.model), device_problem(cfg.device), seed_problem(cfg.seed)]
     for message in problems:
         if message:
             raise ConfigError(message)

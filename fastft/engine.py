@@ -163,7 +163,8 @@ class Trainer:
                                                       len(self.layout.files["test"]))
         self.reporter.say(self.compile_reason)
         self.reporter.say(precision_line(self.cfg.amp, self.rt.amp_name, self.rt.device.type))
-        self.data = build_loaders(self.cfg, self.layout, self.rt, self.preprocessing, self._bn_downsample())
+        self.data = build_loaders(self.cfg, self.layout, self.rt, self.preprocessing,
+                                  self.strategy.bn_downsample(self.structure))
         self.phases.data_ready(self.scan_s + time.perf_counter() - started, getattr(self.data, "decode_s", 0.0))
         self.reporter.say(
             f"data {self.data_dir}: {self.data.train_size} train / {self.data.test_size} test images, "
@@ -200,14 +201,6 @@ class Trainer:
         note = self.strategy.init_head(model, source, list(self.layout.classes), structure)
         if note:
             self.reporter.say(note)
-
-    def _bn_downsample(self) -> int:
-        """px of input per last-stage position where a BatchNorm trains (the smallest batch a step
-        may hold depends on it); 0 where none trains: every unit frozen, or no BatchNorm."""
-        k = self.strategy.frozen_units(self.structure)
-        trains_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                        for unit in self.structure.units[k:] for top in unit.modules for m in top.modules())
-        return self.structure.downsample if trains_bn else 0
 
     def _setup_optimizer(self) -> None:
         groups = self.strategy.param_groups(self.model, self.cfg.lr, self.cfg.head_lr_mult, self.structure)

@@ -86,6 +86,15 @@ class Strategy:
             params += [p for m in structure.tail for p in m.parameters()]
         return params
 
+    def bn_downsample(self, structure: Structure) -> int:
+        """px of input per last-stage position where a BatchNorm trains (the smallest batch a
+        step may hold depends on it: fastft.data.min_train_batch); 0 where none trains (every
+        unit frozen, or a model without BatchNorm)."""
+        k = self.frozen_units(structure)
+        trains = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     for unit in structure.units[k:] for top in unit.modules for m in top.modules())
+        return structure.downsample if trains else 0
+
     def freeze(self, model: nn.Module, structure: Structure | None = None) -> None:
         for p in self.frozen_parameters(model, structure):
             p.requires_grad_(False)

@@ -25,7 +25,8 @@ from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastft.engine import train
 from fastft.errors import ConfigError, FastftError
 from fastft.runtime import Runtime
-from fastft.strategy import REGISTRY, STAGES, get_strategy
+from fastft.models import describe
+from fastft.strategy import REGISTRY, get_strategy
 
 LOADERS = ["torch", "cached", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no DALI"))]
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -193,12 +194,15 @@ def test_the_batch_norm_rule_covers_the_model(make_cfg, resnet, strategy):
             assert "Expected more than 1 value per channel" in str(err)
             raised = True
         try:
-            check_batch_norm(make_cfg(strategy=strategy, image_size=size, batch_size=batch), {batch})
+            check_batch_norm(make_cfg(strategy=strategy, image_size=size, batch_size=batch), {batch},
+                             downsample=rule.bn_downsample(describe(resnet)))
             refused = False
         except ConfigError:
             refused = True
         values = batch * (size // 32) ** 2
-        assert refused == (rule.frozen_stages < len(STAGES) and values < MIN_BN_VALUES), (size, batch)
+        trains_bn = strategy not in ("frozen", "probe", "partial:4")  # partial:4 freezes all 4 stages
+        assert rule.bn_downsample(describe(resnet)) == (32 if trains_bn else 0)
+        assert refused == (trains_bn and values < MIN_BN_VALUES), (size, batch)
         assert refused or not raised, (size, batch)
     assert not refused  # 64 px, batch 1: 2x2 values per channel in the last stage
 

@@ -40,7 +40,7 @@ def write_images(folder: Path, n: int, size: tuple[int, int] = (40, 30)) -> None
 EARLY = [
     (["train", "--image-size", "17"], "--image-size must be at least 32 px"),
     (["train", "--strategy", "fintune"], "unknown strategy 'fintune'; choose one of finetune, frozen, probe, "
-                                         "hotdog, scratch, partial:K (K = 0..4); did you mean finetune?"),
+                                         "hotdog, scratch, partial:K (K = 0..4 for resnet18); did you mean finetune?"),
     (["train", "--lr", "-1"], "--lr must be positive, got -1.0"),
     (["train", "--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["train", "--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),

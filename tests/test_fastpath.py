@@ -11,7 +11,9 @@ import torchvision
 from torch import nn
 
 from fastft.fastpath import FeatureCache, cached_accuracy, caches_features, fold_bn, split_for_training
-from fastft.strategy import STAGES, Strategy
+from fastft.strategy import Strategy
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # ResNet-18's units (fastft.models.resnet)
 
 ALL_K = range(len(STAGES) + 1)  # 0 = nothing frozen .. 5 = the whole backbone (strategy "frozen")
 
@@ -191,7 +193,7 @@ def test_feature_cache_gives_the_full_evaluation_before_and_after_the_head_train
     model = bn_model(num_classes=5)
     frozen_like_engine(model, len(STAGES))
     split = split_for_training(model, len(STAGES))
-    assert caches_features(len(STAGES)) and not caches_features(len(STAGES) - 1)
+    assert caches_features(len(STAGES), len(STAGES)) and not caches_features(len(STAGES) - 1, len(STAGES))
     gen = torch.Generator().manual_seed(2)
     batches = [(images(n=3, size=32, seed=s), torch.randint(0, 5, (3,), generator=gen)) for s in range(4)]
     cache = FeatureCache()

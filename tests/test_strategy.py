@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torchvision
 import torch
 
 from fastft.engine import Trainer
@@ -107,7 +108,17 @@ def test_scratch_uses_one_group_at_ten_times_lr_and_no_pretrained_weights(make_c
     assert not torch.equal(trainer.model.conv1.weight.detach(), source["conv1.weight"])
 
 
-@pytest.mark.parametrize("spec", ["partial:5", "partial:x", "unfreeze", "partial"])
+@pytest.mark.parametrize("spec", ["partial:x", "unfreeze", "partial"])
 def test_unknown_strategy_is_a_clear_error(spec):
     with pytest.raises(ConfigError, match="unknown strategy"):
         get_strategy(spec)
+
+
+def test_partial_beyond_the_models_stages_names_its_stages():
+    """K is checked against the model: ResNet-18 has 4 stages after the stem, ViT's 12 blocks 4 groups."""
+    from fastft.models import describe
+    resnet = describe(torchvision.models.resnet18(num_classes=2))
+    assert get_strategy("partial:4").frozen_units(resnet) == 5
+    with pytest.raises(ConfigError, match=r"4 stage\(s\) after the stem \(layer1, layer2, layer3, layer4\); "
+                                          r"use partial:0..4"):
+        get_strategy("partial:5").frozen_units(resnet)

@@ -64,8 +64,10 @@ def min_train_batch(cfg: TrainConfig, synced_processes: int = 1, downsample: int
     """Fewest images per process a train step may hold at cfg.image_size: MIN_BN_VALUES spread over
     the last stage's ceil(image_size / downsample)^2 positions per image and the processes a
     SyncBatchNorm pools over. `downsample`: px of input per last-stage position (ResNet halves
-    the side 5 times: 32); 0 = no BatchNorm trains (every stage frozen, or a model without BN): 1."""
-    if downsample <= 0:
+    the side 5 times: 32); 0 = no BatchNorm trains (a model without BN, or every stage frozen,
+    which --strategy frozen and probe always mean): 1."""
+    from fastft.strategy import ALL, get_strategy
+    if downsample <= 0 or get_strategy(cfg.strategy).frozen_stages == ALL:
         return 1
     side = math.ceil(cfg.image_size / downsample)
     return max(1, math.ceil(MIN_BN_VALUES / (side * side * synced_processes)))
