@@ -34,8 +34,8 @@ from fastft.data.layout import check_classes, scan_dataset
 from fastft.errors import CheckpointError, ConfigError, WriteError
 from fastft.fastpath import TrainFeatures
 from fastft.forward import Forward, compile_fallbacks, fast_path_line
-from fastft.model import load_matching, source_weights
 from fastft.models import get_spec
+from fastft.models.for_run import build_run_model
 from fastft.optim import build_optimizer
 from fastft.phases import PhaseClock
 from fastft.report import Reporter, precision_line
@@ -43,7 +43,7 @@ from fastft.resources import compiled_graphs, peak_memory, reset_peak_memory
 from fastft.rundir import adopt_saved_config, cache_notes, choose_run_dir
 from fastft.run_faults import guard
 from fastft.safe_write import shown
-from fastft.runtime import cudnn_benchmark, pick_device, resolve_runtime
+from fastft.runtime import check_distributed_settings, cudnn_benchmark, pick_device, resolve_runtime
 from fastft.strategy import get_strategy
 from fastft.threads import CpuSample, ThreadChoice
 from fastft.threads import decide as decide_threads
@@ -83,7 +83,7 @@ class Trainer:
                 raise ConfigError(f"{self.run_dir} already finished {saved['epoch']} epochs; "
                                   f"pass a larger --epochs to train on")
         self.rt = resolve_runtime(self.cfg, self.launch)
-        self._check_distributed_settings()
+        check_distributed_settings(self.cfg, self.rt, self.group_device)
         # --tensorboard's package is checked here, before any data work.
         self.reporter = Reporter(self.run_dir, self.rt.is_main, tensorboard=self.cfg.tensorboard)
         self.reporter.say(f"run folder: {self.run_dir}")  # first, so a stopped run can be found
@@ -131,15 +131,6 @@ class Trainer:
             torch.set_num_threads(self.threads.threads)
         self.reporter.say(self.threads.line())
 
-    def _check_distributed_settings(self) -> None:
-        if self.rt.distributed and self.rt.device.type != self.group_device:
-            raise ConfigError(f"the resumed run uses --device {self.cfg.device}, but the processes joined a "
-                              f"{self.group_device} group; type --device {self.rt.device.type} or "
-                              f"--device {self.group_device} with --resume")
-        if self.cfg.sync_bn and self.rt.distributed and self.rt.device.type != "cuda":
-            raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); "
-                              "drop --sync-bn on CPU: BN statistics are then per process")
-
     def _scan_data(self) -> None:
         started = time.perf_counter()
         self.data_dir = resolve_data_dir(self.cfg)
@@ -176,31 +167,12 @@ class Trainer:
             self.reporter.warn(oversized)
 
     def _setup_model(self, saved: dict | None) -> None:
-        model = self.spec.build(len(self.layout.classes), self.cfg.image_size)
-        structure = self.spec.structure(model)
-        self.strategy.frozen_units(structure)  # partial:K beyond the model's stages fails before any download
-        if saved is None:  # a resumed run takes every tensor from its checkpoint, no download
-            self._load_start_weights(model, structure)
-        self.strategy.freeze(model, structure)
-        if self.cfg.sync_bn and self.rt.distributed:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(self.rt.device, memory_format=self.rt.memory_format)
-        self.structure = self.spec.structure(self.model)  # SyncBatchNorm replaced modules: describe anew
+        self.model, self.structure = build_run_model(self.spec, self.strategy, self.cfg, self.rt,
+                                                     list(self.layout.classes), self.reporter.say, saved is None)
         self.preprocessing = self.spec.preprocessing().at_size(self.cfg.image_size)
         # Each process draws its own augmentation numbers from here on; the model above
         # is built from the same seed everywhere.
         torch.manual_seed(self.cfg.seed + self.rt.rank)
-
-    def _load_start_weights(self, model: nn.Module, structure) -> None:
-        """--weights (or the strategy's default) into `model`, then the strategy's head init."""
-        weights = self.cfg.weights or self.strategy.default_weights
-        source, label = source_weights(weights, self.spec, self.cfg.image_size)
-        if source is not None:
-            for line in load_matching(model, source, label, structure.head_path).lines():
-                self.reporter.say(line)
-        note = self.strategy.init_head(model, source, list(self.layout.classes), structure)
-        if note:
-            self.reporter.say(note)
 
     def _setup_optimizer(self) -> None:
         groups = self.strategy.param_groups(self.model, self.cfg.lr, self.cfg.head_lr_mult, self.structure)
@@ -361,19 +333,9 @@ class Trainer:
             on_device = (self._to_device(x, y) for x, y in batches)
             counts = self.forward.cached_accuracy(on_device, self._autocast)
             if counts is None:
-                counts = self._full_evaluation(on_device)
+                counts = self.forward.full_accuracy(on_device, self._autocast, self.rt.device)
         total_correct, total = self._sum_over_ranks(*counts)
         return total_correct / max(total, 1), int(total)
-
-    def _full_evaluation(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        correct = torch.zeros((), dtype=torch.int64, device=self.rt.device)
-        count = torch.zeros((), dtype=torch.int64, device=self.rt.device)
-        for x, y in batches:
-            with self._autocast():
-                logits = self.forward.evaluate(x)
-            correct += (logits.argmax(dim=1) == y).sum()
-            count += y.shape[0]
-        return correct, count
 
     # --- the run -----------------------------------------------------------------------
     def fit(self) -> dict:

@@ -83,6 +83,18 @@ class Forward:
         """
         distributed.broadcast_buffers(self.local)
 
+    def full_accuracy(self, batches, autocast, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(correct, count) as device tensors over test batches (x, y on the device), the whole
+        forward per batch (evaluate): no host sync here."""
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        for x, y in batches:
+            with autocast():
+                logits = self.evaluate(x)
+            correct += (logits.argmax(dim=1) == y).sum()
+            count += y.shape[0]
+        return correct, count
+
     def cached_accuracy(self, batches, autocast) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(correct, count) on the device from kept test features; None when not kept.
 

@@ -144,3 +144,15 @@ def resolve_runtime(cfg: TrainConfig, launch: Launch = Launch()) -> Runtime:
         local_rank=launch.local_rank,
         distributed=launch.launched,
     )
+
+
+def check_distributed_settings(cfg: TrainConfig, rt: Runtime, group_device: str) -> None:
+    """Refuse, in one line, a resumed run whose device differs from the process group's, and
+    --sync-bn off CUDA. Raises ConfigError."""
+    if rt.distributed and rt.device.type != group_device:
+        raise ConfigError(f"the resumed run uses --device {cfg.device}, but the processes joined a "
+                          f"{group_device} group; type --device {rt.device.type} or "
+                          f"--device {group_device} with --resume")
+    if cfg.sync_bn and rt.distributed and rt.device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA devices (SyncBatchNorm has no CPU kernel); "
+                          "drop --sync-bn on CPU: BN statistics are then per process")

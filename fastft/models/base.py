@@ -145,6 +145,6 @@ class Family:
     def structure(self, model: nn.Module) -> Structure:
         raise NotImplementedError
 
-    def build_kwargs(self, image_size: int, pretrained_size: int) -> dict:
+    def build_kwargs(self, image_size: int, pretrained_size: int, *details: int) -> dict:
         """Extra builder arguments for a crop of `image_size` px (ViT fixes its input size)."""
         return {}

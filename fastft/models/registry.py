@@ -71,7 +71,7 @@ class ModelSpec:
             return timm.create_model(self.builder_name, pretrained=False, num_classes=num_classes,
                                      **({"img_size": size} if fixed else {}))
         import torchvision
-        extra = self.family.build_kwargs(size, self.preprocessing().image_size)
+        extra = self.family.build_kwargs(size, self.preprocessing().image_size, *_patch(self.builder_name))
         return torchvision.models.get_model(self.builder_name, weights=None, num_classes=num_classes, **extra)
 
     def structure(self, model: nn.Module) -> Structure:
@@ -106,6 +106,12 @@ class ModelSpec:
     def _weights(self):
         import torchvision
         return torchvision.models.get_model_weights(self.builder_name).DEFAULT
+
+
+def _patch(builder_name: str) -> tuple[int, ...]:
+    """(patch side,) for a ViT builder name (vit_b_16 -> 16, vit_h_14 -> 14); () for others."""
+    tail = builder_name.rsplit("_", 1)[-1]
+    return (int(tail),) if builder_name.startswith("vit_") and tail.isdigit() else ()
 
 
 def _first_line(exc: BaseException) -> str:

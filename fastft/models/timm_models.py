@@ -69,22 +69,19 @@ class TimmFamily(Family):
         from timm.models import group_modules, group_parameters
         path = head_path(model)
         head = model.get_submodule(path)
-        matcher = model.group_matcher(coarse=True)
-        params = dict(model.named_parameters())
-        modules = dict(model.named_modules())
-        by_params = list(group_parameters(model, matcher).values())
-        by_modules = group_modules(model, matcher)
-        units = []
-        for i, names in enumerate(by_params[:-1]):
-            leaves = [modules[n] for n in by_modules.get(list(group_parameters(model, matcher))[i], [])]
-            units.append(Unit("stem" if i == 0 else f"group {i}", leaves, [params[n] for n in names]))
-        head_ids = {id(p) for p in head.parameters()}
-        tail = [m for n, m in modules.items() if n in by_modules.get(list(by_modules)[-1], [])
-                and m is not head and not any(id(p) in head_ids for p in m.parameters())]
         if not isinstance(head, nn.Linear):
             raise ConfigError(f"timm model {type(model).__name__}: its classifier {path} is a "
                               f"{type(head).__name__}, not a Linear; fastft's strategies need a Linear head")
+        matcher = model.group_matcher(coarse=True)
+        params, modules = dict(model.named_parameters()), dict(model.named_modules())
+        by_params = group_parameters(model, matcher)      # {group: [parameter names]}, stem first
+        by_modules = group_modules(model, matcher)        # {group: [leaf module names]}
+        groups = list(by_params)
+        units = [Unit("stem" if i == 0 else f"group {i}", [modules[n] for n in by_modules.get(g, [])],
+                      [params[n] for n in by_params[g]]) for i, g in enumerate(groups[:-1])]
+        head_ids = {id(p) for p in head.parameters()}
+        # The last group holds the head and whatever timm puts beside it (a head norm, a final conv).
+        tail = [modules[n] for n in by_modules.get(groups[-1], [])
+                if not any(id(p) in head_ids for p in modules[n].parameters())]
         return Structure(units, tail, path, head, None)
 
-    def build_kwargs(self, image_size: int, pretrained_size: int) -> dict:
-        return {}

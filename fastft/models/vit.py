@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastft.errors import ConfigError
 from fastft.models.base import Family, Structure, Unit
 
 STAGES = 4
@@ -82,5 +83,11 @@ class ViTFamily(Family):
         return Structure(units, tail, f"heads.{list(model.heads._modules)[head_index]}", head, seq,
                          downsample=model.patch_size)
 
-    def build_kwargs(self, image_size: int, pretrained_size: int) -> dict:
+    def build_kwargs(self, image_size: int, pretrained_size: int, patch: int = 16) -> dict:
+        """torchvision's builders take image_size; it must be a whole number of patches (the
+        patch side is in the name: vit_b_16 -> 16). Raises ConfigError (one line) otherwise."""
+        if image_size % patch:
+            near = max(patch, image_size - image_size % patch)
+            raise ConfigError(f"--image-size {image_size}: a ViT with {patch} px patches takes multiples of "
+                              f"{patch} px; use --image-size {near} or {near + patch}")
         return {"image_size": image_size}
