@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="fastft",
     version="0.1.0",
-    description="High-throughput fine-tuning of ResNet-18, the d2l.ai hotdog chapter done fast",
+    description="High-throughput fine-tuning of torchvision and timm classifiers, the d2l.ai hotdog chapter done fast",
     # The top-level kernels/ folder installs as fastft_kernels: PyPI has an unrelated "kernels".
     packages=find_packages(include=["fastft", "fastft.*"]) + ["fastft_kernels"],
     package_dir={"fastft_kernels": "kernels"},
@@ -17,13 +17,14 @@ setup(
         "safetensors": ["safetensors"],                    # model.safetensors, --weights *.safetensors
         "onnx": ["onnx", "onnxscript", "onnxruntime"],     # fastft export --format onnx, predict --model
         "tensorboard": ["tensorboard"],                    # fastft train --tensorboard
+        "timm": ["timm>=1.0"],                             # --model timm:NAME (timm's model zoo)
         # The cached loader's batched nvJPEG decode, and AVIF/HEIC where Pillow lacks them; needs
         # torch >= 2.11 (without it, or where it does not load, torchvision's decoders are used).
         "torchcodec": ["torchcodec>=0.16"],
         # Tests run the DALI pipelines with CPU operators, so CI installs DALI where wheels exist,
         # and every optional package above, so the tests of what they serve run rather than skip.
         "test": ["pytest", "pytest-benchmark", "safetensors", "matplotlib", "onnx", "onnxscript",
-                 "onnxruntime", "tensorboard", "torchcodec>=0.16",
+                 "onnxruntime", "tensorboard", "torchcodec>=0.16", "timm>=1.0",
                  "nvidia-dali-cuda120; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={"console_scripts": ["fastft=fastft.cli:main"]},
