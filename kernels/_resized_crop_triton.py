@@ -119,6 +119,10 @@ def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_p
         # Clamped into the crop and the image: unused taps (weight 0) still read a valid byte.
         row = tl.minimum(tl.maximum(lo_y + tl.minimum(jy, ny - 1), 0), height - 1)
         row_base = base + row.to(tl.int64) * width * 3
+        if FILTER == 1:  # bicubic: this row's horizontal pass first, normalised and clamped (PIL's)
+            h_r = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
+            h_g = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
+            h_b = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
         kx = 0
         while kx < taps_x:
             jx = fx + kx
@@ -127,20 +131,34 @@ def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_p
             if FILTER == 1:
                 wx = tl.where(t < 1.0, (1.5 * t - 2.5) * t * t + 1.0,
                               tl.where(t < 2.0, ((2.5 - 0.5 * t) * t - 4.0) * t + 2.0, 0.0))
-            w = wy[:, None] * tl.where(jx < sx, wx, 0.0)[None, :]
+            wx = tl.where(jx < sx, wx, 0.0)
             col = tl.minimum(tl.maximum(lo_x + tl.minimum(jx, nx - 1), 0), width - 1)
             ptr = data_ptr + row_base[:, None] + (col * 3)[None, :]
-            acc_r += w * tl.load(ptr + 0).to(tl.float32)
-            acc_g += w * tl.load(ptr + 1).to(tl.float32)
-            acc_b += w * tl.load(ptr + 2).to(tl.float32)
+            if FILTER == 1:
+                h_r += wx[None, :] * tl.load(ptr + 0).to(tl.float32)
+                h_g += wx[None, :] * tl.load(ptr + 1).to(tl.float32)
+                h_b += wx[None, :] * tl.load(ptr + 2).to(tl.float32)
+            else:
+                w = wy[:, None] * wx[None, :]
+                acc_r += w * tl.load(ptr + 0).to(tl.float32)
+                acc_g += w * tl.load(ptr + 1).to(tl.float32)
+                acc_b += w * tl.load(ptr + 2).to(tl.float32)
             kx += 1
+        if FILTER == 1:
+            inv_x = (1.0 / wsum_x)[None, :]
+            acc_r += wy[:, None] * tl.minimum(tl.maximum(h_r * inv_x, 0.0), 255.0)
+            acc_g += wy[:, None] * tl.minimum(tl.maximum(h_g * inv_x, 0.0), 255.0)
+            acc_b += wy[:, None] * tl.minimum(tl.maximum(h_b * inv_x, 0.0), 255.0)
         ky += 1
 
-    norm = 1.0 / (wsum_y[:, None] * wsum_x[None, :])
+    if FILTER == 1:  # the columns' weights were normalised per row already
+        norm = 1.0 / wsum_y[:, None]
+    else:
+        norm = 1.0 / (wsum_y[:, None] * wsum_x[None, :])
     acc_r *= norm
     acc_g *= norm
     acc_b *= norm
-    if FILTER == 1:  # negative lobes can leave 0-255: clamp, as torchvision's uint8 result is
+    if FILTER == 1:  # negative lobes can leave 0-255: clamp, as PIL and torchvision's uint8 do
         acc_r = tl.minimum(tl.maximum(acc_r, 0.0), 255.0)
         acc_g = tl.minimum(tl.maximum(acc_g, 0.0), 255.0)
         acc_b = tl.minimum(tl.maximum(acc_b, 0.0), 255.0)

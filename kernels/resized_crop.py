@@ -21,8 +21,8 @@ aten/src/ATen/native/cpu/UpSampleKernel.cpp with the bilinear (triangle) ``aa_fi
 
 ``interpolation="bicubic"`` (torch's ``_upsample_bicubic2d_aa``, the same rule as PIL's BICUBIC)
 swaps the triangle for Keys' cubic (a = -0.5) over twice the support, 2 * max(scale, 1), weighted
-cubic((j - centre + 0.5) / max(scale, 1)); its weights go negative, so the result is clamped to
-0-255 before normalising. ``interpolation="nearest"`` takes the one crop pixel floor(centre) (PIL's
+cubic((j - centre + 0.5) / max(scale, 1)); its weights go negative, so, as PIL and torch's uint8
+path do, the horizontal pass is clamped to 0-255 before the vertical one, and the result too. ``interpolation="nearest"`` takes the one crop pixel floor(centre) (PIL's
 NEAREST, torch's "nearest-exact"; no antialiasing). Bilinear is the default.
 
 Integer boxes follow torchvision's rule exactly (same taps, same weights). Float boxes are allowed:
@@ -182,12 +182,12 @@ def axis_taps(start: float, length: float, size: int,
     return lo + j.clamp(max=n - 1), w / w.sum(dim=1, keepdim=True)
 
 
-def _interpolate(crop: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
-    """torch's interpolate of (1, 3, h, w) to size x size: antialiased unless nearest."""
+def _interpolate(crop: torch.Tensor, hw: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """torch's interpolate of (1, 3, h, w) to hw: antialiased unless nearest."""
     mode = _TORCH_MODE[interpolation]
     if mode == "nearest-exact":
-        return F.interpolate(crop, size=(size, size), mode=mode)
-    return F.interpolate(crop, size=(size, size), mode=mode, align_corners=False, antialias=True)
+        return F.interpolate(crop, size=hw, mode=mode)
+    return F.interpolate(crop, size=hw, mode=mode, align_corners=False, antialias=True)
 
 
 def _resample_exact(image: torch.Tensor, box: list[float], size: int, interpolation: str) -> torch.Tensor:
@@ -195,14 +195,17 @@ def _resample_exact(image: torch.Tensor, box: list[float], size: int, interpolat
 
     Integral boxes go through torch's float interpolate (torchvision's own path);
     fractional ones through the same taps gathered here, horizontal pass first, then vertical,
-    in the order torch's CPU kernel uses. Bicubic, whose weights go negative, is clamped to
-    0-255 once at the end, as torchvision clamps a float result it returns as uint8.
+    in the order torch's CPU kernel uses. Bicubic, whose weights go negative, clamps each pass
+    to 0-255, as PIL and torch's uint8 path do (not rounding it: float).
     """
     top, left, height, width = box
+    cubic = interpolation == "bicubic"
     if all(float(v).is_integer() for v in box):
         t, l, h, w = (int(v) for v in box)
         crop = image[t:t + h, l:l + w].permute(2, 0, 1)[None].float()
-        out = _interpolate(crop, size, interpolation)[0].permute(1, 2, 0)
+        if cubic:  # the columns alone first (the rows' taps at scale 1 are the identity), clamped
+            crop = _interpolate(crop, (h, size), interpolation).clamp(0.0, 255.0)
+        out = _interpolate(crop, (size, size), interpolation)[0].permute(1, 2, 0)
     else:
         # The taps are built on the host; the weights must sit with the pixels (a CUDA image too).
         yi, yw, xi, xw = (t.to(image.device) for t in (*axis_taps(top, height, size, interpolation),
@@ -210,15 +213,16 @@ def _resample_exact(image: torch.Tensor, box: list[float], size: int, interpolat
         first = int(yi[:, 0].min())
         rows = image[first:int(yi.max()) + 1].float()  # only the rows some tap reads
         tmp = (rows[:, xi] * xw[None, :, :, None]).sum(dim=2)  # (rows, S, 3)
+        tmp = tmp.clamp(0.0, 255.0) if cubic else tmp
         out = (tmp[yi - first] * yw[:, :, None, None]).sum(dim=1)  # (S, S, 3)
-    return out.clamp(0.0, 255.0) if interpolation == "bicubic" else out
+    return out.clamp(0.0, 255.0) if cubic else out
 
 
 def _resample_fast(image: torch.Tensor, box: list[float], size: int, interpolation: str) -> torch.Tensor:
     """uint8 (S, S, 3): torch's uint8 path (rounds to uint8, as torchvision's does)."""
     top, left, height, width = (int(v) for v in box)
     crop = image[top:top + height, left:left + width].permute(2, 0, 1)[None]  # channels_last view
-    return _interpolate(crop, size, interpolation)[0].permute(1, 2, 0)
+    return _interpolate(crop, (size, size), interpolation)[0].permute(1, 2, 0)
 
 
 def resized_crop_normalize_reference(images: PackedImages, index: torch.Tensor, boxes: torch.Tensor,

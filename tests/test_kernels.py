@@ -71,12 +71,17 @@ MODES = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationM
 def torchvision_batch(images, index, boxes, flip, size, dtype=torch.float32,
                       interpolation: str = "bilinear") -> torch.Tensor:
     """Expected output: torchvision's resized_crop (antialias=True) per sample, flip, normalise.
-    A float bicubic result is clamped to 0-255, as torchvision clamps one it returns as uint8."""
+    Float bicubic resizes the columns, then the rows, clamping each to 0-255, as PIL does."""
     outs = []
     for i, box, mirror in zip(index.tolist(), boxes.int().tolist(), flip.tolist()):
         chw = images[i].permute(2, 0, 1).to(dtype)
-        out = TF.resized_crop(chw, *box, [size, size], interpolation=MODES[interpolation], antialias=True).float()
-        out = out.clamp(0, 255) if interpolation == "bicubic" else out
+        mode = MODES[interpolation]
+        if interpolation == "bicubic" and dtype == torch.float32:
+            crop = TF.crop(chw, *box)
+            crop = TF.resize(crop, [box[2], size], interpolation=mode, antialias=True).clamp(0, 255)
+            out = TF.resize(crop, [size, size], interpolation=mode, antialias=True).clamp(0, 255)
+        else:
+            out = TF.resized_crop(chw, *box, [size, size], interpolation=mode, antialias=True).float()
         outs.append(out.flip(-1) if mirror else out)
     return normalise(torch.stack(outs))
 
@@ -125,16 +130,11 @@ def test_fast_reference_matches_torchvision_uint8(size, interpolation):
     # Same uint8 rounding as torchvision on uint8 input: equal up to the normalisation's fp32 order.
     expected = torchvision_batch(images, index, boxes, flip, size, dtype=torch.uint8, interpolation=interpolation)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    # Against the float result: within torch's two uint8 roundings (horizontal, vertical pass).
-    # Bicubic's uint8 path also clamps the horizontal pass to 0-255 (as PIL does), the float one
-    # only the result: on these random pixels, whose overshoots are large, measured 1.0% of the
-    # values more than one level apart, at most 12.3.
+    # Against the float result: within torch's two uint8 roundings (horizontal, vertical pass);
+    # bicubic's negative lobes spread the first rounding a little (measured at most 1.04 levels).
     exact = torchvision_batch(images, index, boxes, flip, size, interpolation=interpolation)
     levels = (got - exact).abs() / PX
-    if interpolation == "bilinear":
-        assert levels.max() <= 1.0
-    else:
-        assert (levels > 1.0).float().mean() < 0.02 and levels.max() < 16
+    assert levels.max() <= (1.0 if interpolation == "bilinear" else 1.1)
     assert levels.max() > 0  # the fast path really is the rounded one
 
 
