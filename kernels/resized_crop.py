@@ -46,7 +46,13 @@ Tolerances held by the tests (tests/test_kernels.py), all before normalisation, 
 - fast reference (``fast=True``, the CPU default) vs torchvision on uint8 input: torch's uint8
   antialiased path rounds the resized image to uint8 exactly as torchvision's uint8 path does, so
   the two agree to the last bit. Against the float result it is within 1.0: torch's uint8 path
-  rounds twice (after the horizontal and after the vertical pass) with int16 fixed-point weights.
+  rounds twice (after the horizontal and after the vertical pass) with int16 fixed-point weights
+  (bicubic: 1.1, its negative lobes spread the first rounding a little; measured 1.04).
+
+Against PIL (the torch loader's resize), same boxes, 48 synthetic images at 224 px: bilinear within
+1 level (mean 0.28 for the float kernel, 0.015 for the uint8 path); bicubic the same on average
+(0.29, 0.020) but up to 7 levels at a few edges, because Pillow 13 sometimes resizes the rows first
+(to save work) and the order moves where its clamps and roundings fall.
 """
 
 from __future__ import annotations

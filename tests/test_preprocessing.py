@@ -140,3 +140,15 @@ def test_a_loader_that_is_not_pils_says_so_in_one_line(tiny_data):
     dali = DaliLoaders(layout, 32, 4, CPU, 0, preprocessing=preprocessing("timm:test_vit", 32)).describe()
     assert sum("bicubic is DALI's cubic filter" in line for line in dali) == 1
     assert not any("cubic" in line for line in DaliLoaders(layout, 32, 4, CPU, 0).describe())
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "nearest"])
+def test_dalis_train_pipeline_takes_each_filter_and_the_models_statistics(tiny_data, interpolation):
+    """DALI's random crops (its own stream: no pixel reference) in the model's filter, normalised with
+    0.5: every value in [-1, 1] (ImageNet's numbers would reach -2.1 and 2.6), both ends reached."""
+    pytest.importorskip("nvidia.dali")
+    from fastft.data.dali_loader import DaliLoaders
+    p = dataclasses.replace(HALF, interpolation=interpolation)
+    x = torch.cat([x for x, _ in DaliLoaders(scan_dataset(tiny_data), 32, 8, CPU, 0, preprocessing=p).train_batches(0)])
+    assert x.shape == (24, 3, 32, 32)
+    assert x.min() >= -1 - 1e-6 and x.max() <= 1 + 1e-6 and x.min() < -0.9 and x.max() > 0.9

@@ -104,9 +104,8 @@ def decoder_args(on_gpu: bool, cache: CachePlan, hw_load: float) -> dict:
     return args
 
 
-# DALI's resampling filters for Preprocessing.interpolation. Linear + antialias is PIL's bilinear
-# within a grey level; the others are not PIL's exactly, and describe() says so. Measured against
-# the torch loader's test batches, synthetic set (48 test images), tests/test_preprocessing.py.
+# DALI's filter per Preprocessing.interpolation. Linear + antialias is PIL's bilinear within a grey
+# level; the others are not PIL's, and describe() says so (measured: tests/test_preprocessing.py).
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
 _INEXACT = {"bicubic": "dali: bicubic is DALI's cubic filter, not PIL's (the torch loader's): the same on "
                        "average (0.16 grey levels apart at 224 px, bilinear 0.15), up to 8 at a few edges",
@@ -151,8 +150,7 @@ def _test_pipeline(files, labels, size, shard, shards, on_gpu, decoder, dtype, c
     encoded, label = fn.readers.file(files=files, labels=labels, name=READER, shard_id=shard,
                                      num_shards=shards, pad_last_batch=True, stick_to_shard=True)
     images = fn.decoders.image(encoded, **decoder)
-    resize = prep.resize
-    # Resize([r, r]): square, not aspect-preserving; linear + antialias is PIL's bilinear.
+    resize = prep.resize  # Resize([r, r]): square, not aspect-preserving
     images = fn.resize(images, resize_x=resize, resize_y=resize, interp_type=_INTERP[prep.interpolation],
                        antialias=True)
     pos = _center_pos(resize, size)
