@@ -2,10 +2,11 @@
 
 One program makes one TILE_Y x TILE_X tile of one sample's output: grid (B, tiles down, tiles
 across), so one launch covers the batch whatever the mix of image sizes. Per output pixel it
-computes torch's antialiased bilinear taps for its row and its column (see resized_crop.py),
-loops over them in while loops with runtime bounds (any downscale works: the loop count is the
-tile's widest filter, not a compiled-in cap), reads uint8 RGB straight from the packed buffer, and writes the
-flipped, normalised value NHWC in the output's dtype.
+computes torch's antialiased bilinear taps (bicubic or nearest: the FILTER constexpr) for its row
+and its column (see resized_crop.py), loops over them in while loops with runtime bounds (any
+downscale works: the loop count is the tile's widest filter, not a compiled-in cap), reads uint8
+RGB straight from the packed buffer, and writes the flipped, normalised value NHWC in the output's
+dtype.
 
 The kernels use only triton.language builtins, never the jit functions of its standard library
 (tl.max, tl.zeros, ...): those are decorated when triton is imported, so in a process that imported
@@ -27,20 +28,27 @@ except ImportError as err:  # pragma: no cover - depends on the install
 
 
 @triton.jit
-def _axis(start, length, out_pos, size):
+def _axis(start, length, out_pos, size, FILTER: tl.constexpr):
     """Taps of one axis for output positions out_pos (int32 vector): torch's aa rule.
 
+    FILTER: 0 bilinear (half-width 1), 1 bicubic (half-width 2), 2 nearest (one tap, floor(centre)).
     Returns (lo, centre, first, stop, n, invscale): taps are crop pixels j in [first, stop),
-    source pixel lo + j, weight triangle((j - centre + 0.5) * invscale).
+    source pixel lo + j, weight filter((j - centre + 0.5) * invscale).
     """
     lo = tl.floor(start)
     n = (tl.ceil(start + length) - lo).to(tl.int32)  # crop pixels the filter may read
     scale = length / size
-    support = tl.maximum(scale, 1.0)
-    invscale = 1.0 / support
+    stretch = tl.maximum(scale, 1.0)  # the filter widens when shrinking (antialiasing)
+    invscale = 1.0 / stretch
     centre = (start - lo) + scale * (out_pos.to(tl.float32) + 0.5)
-    first = tl.maximum(tl.floor(centre - support + 0.5), 0.0).to(tl.int32)
-    stop = tl.minimum(tl.floor(centre + support + 0.5).to(tl.int32), n)
+    if FILTER == 2:
+        # One tap; its triangle weight is >= 0.5, so normalising makes it 1.
+        first = tl.minimum(tl.floor(centre).to(tl.int32), n - 1)
+        stop = first + 1
+    else:
+        support = stretch * (2.0 if FILTER == 1 else 1.0)
+        first = tl.maximum(tl.floor(centre - support + 0.5), 0.0).to(tl.int32)
+        stop = tl.minimum(tl.floor(centre + support + 0.5).to(tl.int32), n)
     return lo.to(tl.int32), centre, first, stop, n, invscale
 
 
@@ -53,7 +61,7 @@ def _larger(a, b):
 @triton.jit
 def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_ptr, boxes_ptr,
                          flip_ptr, out_ptr, size, scale0, scale1, scale2, shift0, shift1, shift2,
-                         TILE_Y: tl.constexpr, TILE_X: tl.constexpr):
+                         TILE_Y: tl.constexpr, TILE_X: tl.constexpr, FILTER: tl.constexpr):
     b = tl.program_id(0)
     image = tl.load(index_ptr + b)
     base = tl.load(offsets_ptr + image)  # int64 byte offset of the image
@@ -70,8 +78,8 @@ def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_p
     ry = tl.minimum(oy, size - 1)  # rows/columns past the edge compute a copy, never stored
     rx = tl.minimum(ox, size - 1)
     rx = tl.where(mirror, size - 1 - rx, rx)  # a flipped output column reads the mirrored one
-    lo_y, cy, fy, sy, ny, iy = _axis(top, crop_h, ry, size)
-    lo_x, cx, fx, sx, nx, ix = _axis(left, crop_w, rx, size)
+    lo_y, cy, fy, sy, ny, iy = _axis(top, crop_h, ry, size, FILTER)
+    lo_x, cx, fx, sx, nx, ix = _axis(left, crop_w, rx, size, FILTER)
     taps_y = tl.reduce(sy - fy, 0, _larger)  # the tile's widest filter: the loops' runtime bound
     taps_x = tl.reduce(sx - fx, 0, _larger)
     # while, not `for k in range(taps)`: the interpreter of triton <= 3.7 turns a tensor bound into
@@ -79,14 +87,19 @@ def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_p
     # evaluates with bool(), which numpy allows. Compiled, both give the same PTX for sm_90 (triton
     # 3.6 and 3.8: the same instructions, one mov reordered) and the same 64 registers.
 
-    # Triangle weights, inlined (a nested jit call costs milliseconds under the interpreter):
-    # w(j) = max(1 - |j - centre + 0.5| * invscale, 0) for j < stop, else 0. Columns' sum once,
-    # rows' sum in the row loop; the product of both normalises at the end.
+    # Weights w(j) = filter(t), t = |j - centre + 0.5| * invscale, for j < stop, else 0: the
+    # triangle max(1 - t, 0) (bilinear; nearest's one tap) or Keys' cubic with a = -0.5 (bicubic,
+    # torch's and PIL's). Inlined: a nested jit call costs milliseconds under the interpreter.
+    # Columns' sum once, rows' sum in the row loop; the product of both normalises at the end.
     wsum_x = tl.full([TILE_X], 0.0, tl.float32)
     kx = 0
     while kx < taps_x:
         jx = fx + kx
-        wx = tl.maximum(1.0 - tl.abs((jx.to(tl.float32) - cx + 0.5) * ix), 0.0)
+        t = tl.abs((jx.to(tl.float32) - cx + 0.5) * ix)
+        wx = tl.maximum(1.0 - t, 0.0)
+        if FILTER == 1:
+            wx = tl.where(t < 1.0, (1.5 * t - 2.5) * t * t + 1.0,
+                          tl.where(t < 2.0, ((2.5 - 0.5 * t) * t - 4.0) * t + 2.0, 0.0))
         wsum_x += tl.where(jx < sx, wx, 0.0)
         kx += 1
     wsum_y = tl.full([TILE_Y], 0.0, tl.float32)
@@ -96,32 +109,68 @@ def _resized_crop_kernel(data_ptr, offsets_ptr, heights_ptr, widths_ptr, index_p
     ky = 0
     while ky < taps_y:
         jy = fy + ky
-        wy = tl.maximum(1.0 - tl.abs((jy.to(tl.float32) - cy + 0.5) * iy), 0.0)
+        t = tl.abs((jy.to(tl.float32) - cy + 0.5) * iy)
+        wy = tl.maximum(1.0 - t, 0.0)
+        if FILTER == 1:
+            wy = tl.where(t < 1.0, (1.5 * t - 2.5) * t * t + 1.0,
+                          tl.where(t < 2.0, ((2.5 - 0.5 * t) * t - 4.0) * t + 2.0, 0.0))
         wy = tl.where(jy < sy, wy, 0.0)
         wsum_y += wy
         # Clamped into the crop and the image: unused taps (weight 0) still read a valid byte.
         row = tl.minimum(tl.maximum(lo_y + tl.minimum(jy, ny - 1), 0), height - 1)
         row_base = base + row.to(tl.int64) * width * 3
+        if FILTER == 1:  # bicubic: this row's horizontal pass first, normalised and clamped (PIL's)
+            h_r = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
+            h_g = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
+            h_b = tl.full([TILE_Y, TILE_X], 0.0, tl.float32)
         kx = 0
         while kx < taps_x:
             jx = fx + kx
-            wx = tl.maximum(1.0 - tl.abs((jx.to(tl.float32) - cx + 0.5) * ix), 0.0)
-            w = wy[:, None] * tl.where(jx < sx, wx, 0.0)[None, :]
+            t = tl.abs((jx.to(tl.float32) - cx + 0.5) * ix)
+            wx = tl.maximum(1.0 - t, 0.0)
+            if FILTER == 1:
+                wx = tl.where(t < 1.0, (1.5 * t - 2.5) * t * t + 1.0,
+                              tl.where(t < 2.0, ((2.5 - 0.5 * t) * t - 4.0) * t + 2.0, 0.0))
+            wx = tl.where(jx < sx, wx, 0.0)
             col = tl.minimum(tl.maximum(lo_x + tl.minimum(jx, nx - 1), 0), width - 1)
             ptr = data_ptr + row_base[:, None] + (col * 3)[None, :]
-            acc_r += w * tl.load(ptr + 0).to(tl.float32)
-            acc_g += w * tl.load(ptr + 1).to(tl.float32)
-            acc_b += w * tl.load(ptr + 2).to(tl.float32)
+            if FILTER == 1:
+                h_r += wx[None, :] * tl.load(ptr + 0).to(tl.float32)
+                h_g += wx[None, :] * tl.load(ptr + 1).to(tl.float32)
+                h_b += wx[None, :] * tl.load(ptr + 2).to(tl.float32)
+            else:
+                w = wy[:, None] * wx[None, :]
+                acc_r += w * tl.load(ptr + 0).to(tl.float32)
+                acc_g += w * tl.load(ptr + 1).to(tl.float32)
+                acc_b += w * tl.load(ptr + 2).to(tl.float32)
             kx += 1
+        if FILTER == 1:
+            inv_x = (1.0 / wsum_x)[None, :]
+            acc_r += wy[:, None] * tl.minimum(tl.maximum(h_r * inv_x, 0.0), 255.0)
+            acc_g += wy[:, None] * tl.minimum(tl.maximum(h_g * inv_x, 0.0), 255.0)
+            acc_b += wy[:, None] * tl.minimum(tl.maximum(h_b * inv_x, 0.0), 255.0)
         ky += 1
 
-    norm = 1.0 / (wsum_y[:, None] * wsum_x[None, :])
+    if FILTER == 1:  # the columns' weights were normalised per row already
+        norm = 1.0 / wsum_y[:, None]
+    else:
+        norm = 1.0 / (wsum_y[:, None] * wsum_x[None, :])
+    acc_r *= norm
+    acc_g *= norm
+    acc_b *= norm
+    if FILTER == 1:  # negative lobes can leave 0-255: clamp, as PIL and torchvision's uint8 do
+        acc_r = tl.minimum(tl.maximum(acc_r, 0.0), 255.0)
+        acc_g = tl.minimum(tl.maximum(acc_g, 0.0), 255.0)
+        acc_b = tl.minimum(tl.maximum(acc_b, 0.0), 255.0)
     out = out_ptr + ((b * size + oy[:, None]).to(tl.int64) * size + ox[None, :]) * 3
     mask = (oy[:, None] < size) & (ox[None, :] < size)
     dtype = out_ptr.dtype.element_ty
-    tl.store(out + 0, (acc_r * norm * scale0 + shift0).to(dtype), mask=mask)
-    tl.store(out + 1, (acc_g * norm * scale1 + shift1).to(dtype), mask=mask)
-    tl.store(out + 2, (acc_b * norm * scale2 + shift2).to(dtype), mask=mask)
+    tl.store(out + 0, (acc_r * scale0 + shift0).to(dtype), mask=mask)
+    tl.store(out + 1, (acc_g * scale1 + shift1).to(dtype), mask=mask)
+    tl.store(out + 2, (acc_b * scale2 + shift2).to(dtype), mask=mask)
+
+
+_FILTERS = {"bilinear": 0, "bicubic": 1, "nearest": 2}  # the kernel's FILTER constexpr
 
 
 def _tiles(size: int, on_gpu: bool) -> tuple[int, int]:
@@ -134,8 +183,9 @@ def _tiles(size: int, on_gpu: bool) -> tuple[int, int]:
 
 
 def launch(images, index: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
-           mean, std, out: torch.Tensor) -> None:
-    """Fill out (B, 3, S, S), NHWC-contiguous, in one launch. All tensors on one device."""
+           mean, std, out: torch.Tensor, interpolation: str = "bilinear") -> None:
+    """Fill out (B, 3, S, S), NHWC-contiguous, in one launch. All tensors on one device.
+    interpolation: "bilinear", "bicubic" or "nearest" (checked by the caller)."""
     tensors = (images.data, images.offsets, images.heights, images.widths, index, boxes, flip, out)
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
@@ -151,4 +201,5 @@ def launch(images, index: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor,
                                images.widths.contiguous(),
                                index.contiguous(), boxes.contiguous(), flip.contiguous().view(torch.uint8),
                                out, size,
-                               *scale, *shift, TILE_Y=tile_y, TILE_X=tile_x)
+                               *scale, *shift, TILE_Y=tile_y, TILE_X=tile_x,
+                               FILTER=_FILTERS[interpolation])

@@ -62,12 +62,26 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return TF.normalize(pixels / 255.0, list(MEAN), list(STD))
 
 
-def torchvision_batch(images, index, boxes, flip, size, dtype=torch.float32) -> torch.Tensor:
-    """Expected output: torchvision's resized_crop (antialias=True) per sample, flip, normalise."""
+# The kernel's interpolation names -> torchvision's modes: "nearest" is PIL's NEAREST (pixel
+# centres), torchvision's NEAREST_EXACT on tensors.
+MODES = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC,
+         "nearest": TF.InterpolationMode.NEAREST_EXACT}
+
+
+def torchvision_batch(images, index, boxes, flip, size, dtype=torch.float32,
+                      interpolation: str = "bilinear") -> torch.Tensor:
+    """Expected output: torchvision's resized_crop (antialias=True) per sample, flip, normalise.
+    Float bicubic resizes the columns, then the rows, clamping each to 0-255, as PIL does."""
     outs = []
     for i, box, mirror in zip(index.tolist(), boxes.int().tolist(), flip.tolist()):
         chw = images[i].permute(2, 0, 1).to(dtype)
-        out = TF.resized_crop(chw, *box, [size, size], antialias=True).float()
+        mode = MODES[interpolation]
+        if interpolation == "bicubic" and dtype == torch.float32:
+            crop = TF.crop(chw, *box)
+            crop = TF.resize(crop, [box[2], size], interpolation=mode, antialias=True).clamp(0, 255)
+            out = TF.resize(crop, [size, size], interpolation=mode, antialias=True).clamp(0, 255)
+        else:
+            out = TF.resized_crop(chw, *box, [size, size], interpolation=mode, antialias=True).float()
         outs.append(out.flip(-1) if mirror else out)
     return normalise(torch.stack(outs))
 
@@ -95,28 +109,54 @@ def test_pack_rejects_non_rgb_uint8():
         PackedImages.pack([torch.zeros(2, 2, 3, dtype=torch.uint8), torch.zeros(2, 2, 4, dtype=torch.uint8)])
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
 @pytest.mark.parametrize("size", [8, 13])
-def test_exact_reference_matches_torchvision_float(size):
+def test_exact_reference_matches_torchvision_float(size, interpolation):
     images = make_images()
     index, boxes, flip = integral(*batch(size))
     got = resized_crop_normalize_reference(PackedImages.pack(images), index, boxes, flip, size, MEAN, STD,
-                                           torch.float32, fast=False)
-    torch.testing.assert_close(got, torchvision_batch(images, index, boxes, flip, size), rtol=0, atol=1e-3 * PX)
+                                           torch.float32, fast=False, interpolation=interpolation)
+    want = torchvision_batch(images, index, boxes, flip, size, interpolation=interpolation)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * PX)
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("size", [8, 13])
-def test_fast_reference_matches_torchvision_uint8(size):
+def test_fast_reference_matches_torchvision_uint8(size, interpolation):
     images = make_images()
     index, boxes, flip = integral(*batch(size))
     got = resized_crop_normalize_reference(PackedImages.pack(images), index, boxes, flip, size, MEAN, STD,
-                                           torch.float32, fast=True)
+                                           torch.float32, fast=True, interpolation=interpolation)
     # Same uint8 rounding as torchvision on uint8 input: equal up to the normalisation's fp32 order.
-    expected = torchvision_batch(images, index, boxes, flip, size, dtype=torch.uint8)
+    expected = torchvision_batch(images, index, boxes, flip, size, dtype=torch.uint8, interpolation=interpolation)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    # Against the float result: within torch's two uint8 roundings (horizontal, vertical pass).
-    exact = torchvision_batch(images, index, boxes, flip, size)
-    assert (got - exact).abs().max() <= 1.0 * PX
-    assert (got - exact).abs().max() > 0  # the fast path really is the rounded one
+    # Against the float result: within torch's two uint8 roundings (horizontal, vertical pass);
+    # bicubic's negative lobes spread the first rounding a little (measured at most 1.04 levels).
+    exact = torchvision_batch(images, index, boxes, flip, size, interpolation=interpolation)
+    levels = (got - exact).abs() / PX
+    assert levels.max() <= (1.0 if interpolation == "bilinear" else 1.1)
+    assert levels.max() > 0  # the fast path really is the rounded one
+
+
+def test_bicubic_is_not_bilinear_and_nearest_copies_source_pixels():
+    """The interpolation argument is used: bicubic differs from bilinear by many levels on random
+    pixels (and overshoots, clamped to 0-255); nearest outputs only source pixel values."""
+    images = make_images()
+    packed = PackedImages.pack(images)
+    index, boxes, flip = integral(*batch(8))
+    run = lambda mode: resized_crop_normalize_reference(packed, index, boxes, flip, 8, (0.0,) * 3, (1 / 255,) * 3,
+                                                        torch.float32, fast=False, interpolation=mode)
+    linear, cubic, nearest = run("bilinear"), run("bicubic"), run("nearest")
+    assert (cubic - linear).abs().max() > 10 and cubic.min() == 0 and cubic.max() == 255
+    assert torch.equal(nearest, nearest.round())  # whole levels: copied, not blended
+    assert (nearest - linear).abs().max() > 10
+
+
+def test_interpolation_names_are_checked():
+    images = PackedImages.pack(make_images())
+    index, boxes, flip = batch(8)
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        resized_crop_normalize(images, index, boxes, flip, 8, MEAN, STD, torch.float32, interpolation="lanczos")
 
 
 def test_fractional_box_is_resize_then_centre_crop_away_from_the_edges():
@@ -190,3 +230,24 @@ def test_triton_flip_mirrors_and_upscales_odd_size(interpreted):
     assert torch.equal(got[1], got[0].flip(-1)) and torch.equal(got[3], got[2].flip(-1))
     want = resized_crop_normalize_reference(images, index, boxes, flip, size, MEAN, STD, torch.float32, fast=False)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * PX)
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "nearest"])
+def test_triton_matches_exact_reference_bicubic_and_nearest(interpreted, interpolation):
+    """Every case of `cases` (edges, 1 px sources, 8x downscales, upscales, a fractional box) with
+    the other filters and a non-ImageNet mean/std (timm's 0.5): fp32 within 1e-3 px."""
+    size, mean, std = 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    images = PackedImages.pack(make_images())
+    index, boxes, flip = batch(size)
+    got = resized_crop_normalize(images, index, boxes, flip, size, mean, std, torch.float32,
+                                 interpolation=interpolation, use_triton=True)
+    want = resized_crop_normalize_reference(images, index, boxes, flip, size, mean, std, torch.float32,
+                                            fast=False, interpolation=interpolation)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3 / (255 * 0.5))
+    # The mean/std arguments reach every pixel: ImageNet's result, un-normalised and normalised
+    # with 0.5 again, is this one; and the two differ.
+    imagenet = resized_crop_normalize_reference(images, index, boxes, flip, size, MEAN, STD, torch.float32,
+                                                fast=False, interpolation=interpolation)
+    unit = imagenet * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    torch.testing.assert_close(got, (unit - 0.5) / 0.5, rtol=0, atol=1e-3 / (255 * 0.5))
+    assert (got - imagenet).abs().mean() > 0.1

@@ -10,8 +10,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from fastft.config import TrainConfig, default_cache_dir
 from fastft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fastft.models.base import Preprocessing
 
 SYNTHETIC = "synthetic"
 
@@ -100,10 +105,19 @@ def check_batch_norm(cfg: TrainConfig, batch_sizes: set[int], synced_processes: 
                       f"process, --image-size {bigger}, or --strategy frozen")
 
 
-def build_loaders(cfg: TrainConfig, layout, rt, preprocessing=None, bn_downsample: int = 32):
+def build_loaders(cfg: TrainConfig, layout, rt, preprocessing: Preprocessing | None = None,
+                  bn_downsample: int = 32):
     """The backend for `--loader` on runtime `rt` (device, AMP dtype, layout, workers, rank);
     `auto` is cached where the decoded set fits its budget (image headers decide, before any
-    decode), else DALI whenever it imports, else torch."""
+    decode), else DALI whenever it imports, else torch.
+
+    `preprocessing`: the model's eval resize, mean, std and interpolation (the engine passes
+    spec.preprocessing().at_size(cfg.image_size)); every backend resizes, crops and normalises
+    with it, taken at cfg.image_size. None: ResNet-18's, DEFAULT_PREPROCESSING (fastft.models
+    imports torch, which this module does not, so the default is resolved here).
+    `bn_downsample`: as min_train_batch's `downsample` (Strategy.bn_downsample gives it)."""
+    from fastft.models.base import DEFAULT_PREPROCESSING
+    prep = (preprocessing or DEFAULT_PREPROCESSING).at_size(cfg.image_size)
     from fastft.config import batch_split_problem
     split_problem = batch_split_problem(cfg.batch_size, rt.world_size)  # the CLI says it before torch loads
     if split_problem:
@@ -123,17 +137,18 @@ def build_loaders(cfg: TrainConfig, layout, rt, preprocessing=None, bn_downsampl
         from fastft.data.cached_loader import CachedLoaders
         loaders = CachedLoaders(layout, cfg.image_size, batch_per_rank, rt, cfg.seed, plan=plan,
                                 max_side=cfg.cache_max_side, drop_ragged=rt.compile, progress=rt.is_main,
-                                threads=max(cfg.workers, 0), min_batch=min_batch)
+                                threads=max(cfg.workers, 0), min_batch=min_batch, preprocessing=prep)
     elif cfg.loader == "dali" or (cfg.loader == "auto" and dali_available()):
         from fastft.data.dali_loader import DaliLoaders, DaliOptions
         # A typed --workers N is DALI's thread count; untyped (-1), DALI's own default.
         loaders = DaliLoaders(layout, cfg.image_size, batch_per_rank, rt, cfg.seed, cfg.decode_cache,
-                              DaliOptions(threads=max(cfg.workers, 0)))
+                              DaliOptions(threads=max(cfg.workers, 0)), preprocessing=prep)
     else:
         from fastft.data.torch_loader import TorchLoaders
         loaders = TorchLoaders(layout, cfg.image_size, batch_per_rank, rt.workers, cfg.seed,
                                rt.rank, rt.world_size, pin_memory=rt.device.type == "cuda",
-                               rt=rt, drop_ragged=rt.compile, uint8=cfg.uint8_batches, min_batch=min_batch)
+                               rt=rt, drop_ragged=rt.compile, uint8=cfg.uint8_batches, min_batch=min_batch,
+                               preprocessing=prep)
     check_batch_norm(cfg, loaders.train_batch_sizes(), synced, batch_per_rank, bn_downsample)
     return _auto_noted(loaders, plan) if cfg.loader == "auto" else loaders
 

@@ -49,12 +49,11 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from fastft.config import eval_resize_px
 from fastft.data import check_train_split
 from fastft.data.dali_cache import CachePlan, plan_cache
 from fastft.data.images import decode_problem, shown_path
 from fastft.data.layout import DatasetLayout
-from fastft.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fastft.data.transforms import DEFAULT_PREPROCESSING, Preprocessing
 from fastft.errors import DataError
 
 READER = "reader"
@@ -105,11 +104,20 @@ def decoder_args(on_gpu: bool, cache: CachePlan, hw_load: float) -> dict:
     return args
 
 
-def _normalize(images, dtype, channels_last: bool, **crop):
-    """ImageNet mean/std in DALI's 0-255 units, straight into the output layout."""
+# DALI's filter per Preprocessing.interpolation. Linear + antialias is PIL's bilinear within a grey
+# level; the others are not PIL's, and describe() says so (measured: tests/test_preprocessing.py).
+_INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
+_INEXACT = {"bicubic": "dali: bicubic is DALI's cubic filter, not PIL's (the torch loader's): the same on "
+                       "average (0.16 grey levels apart at 224 px, bilinear 0.15), up to 8 at a few edges",
+            "nearest": "dali: nearest may take the neighbouring pixel where PIL's sample point falls on a "
+                       "pixel edge (at 32 px: 0.07 grey levels apart on average)"}
+
+
+def _normalize(images, dtype, channels_last: bool, prep: Preprocessing, **crop):
+    """The model's mean/std in DALI's 0-255 units, straight into the output layout."""
     return fn.crop_mirror_normalize(
         images, dtype=dtype, output_layout="HWC" if channels_last else "CHW",
-        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], **crop)
+        mean=[255 * m for m in prep.mean], std=[255 * s for s in prep.std], **crop)
 
 
 def _labels(labels, on_gpu: bool):
@@ -117,16 +125,17 @@ def _labels(labels, on_gpu: bool):
 
 
 @pipeline_def(enable_checkpointing=True)
-def _train_pipeline(files, labels, size, shard, shards, shuffle_seed, on_gpu, decoder, dtype, channels_last):
+def _train_pipeline(files, labels, size, shard, shards, shuffle_seed, on_gpu, decoder, dtype, channels_last, prep):
     encoded, label = fn.readers.file(files=files, labels=labels, name=READER, shard_id=shard,
                                      num_shards=shards, pad_last_batch=True, shuffle_after_epoch=True,
                                      shuffle_after_epoch_seed=shuffle_seed)
     images = fn.decoders.image(encoded, **decoder)
     # DALI's defaults are torchvision's: area 0.08-1, aspect 3/4-4/3, 10 tries.
     images = fn.random_resized_crop(images, size=[size, size], random_area=[0.08, 1.0],
-                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+                                    interp_type=_INTERP[prep.interpolation])
     flip = fn.random.coin_flip(probability=0.5)
-    return _normalize(images, dtype, channels_last, mirror=flip), _labels(label, on_gpu)
+    return _normalize(images, dtype, channels_last, prep, mirror=flip), _labels(label, on_gpu)
 
 
 def _center_pos(resize: int, size: int) -> float:
@@ -137,16 +146,15 @@ def _center_pos(resize: int, size: int) -> float:
 
 
 @pipeline_def
-def _test_pipeline(files, labels, size, shard, shards, on_gpu, decoder, dtype, channels_last):
+def _test_pipeline(files, labels, size, shard, shards, on_gpu, decoder, dtype, channels_last, prep):
     encoded, label = fn.readers.file(files=files, labels=labels, name=READER, shard_id=shard,
                                      num_shards=shards, pad_last_batch=True, stick_to_shard=True)
     images = fn.decoders.image(encoded, **decoder)
-    resize = eval_resize_px(size)
-    # Resize([r, r]): square, not aspect-preserving; linear + antialias is PIL's bilinear.
-    images = fn.resize(images, resize_x=resize, resize_y=resize, interp_type=types.INTERP_LINEAR,
+    resize = prep.resize  # Resize([r, r]): square, not aspect-preserving
+    images = fn.resize(images, resize_x=resize, resize_y=resize, interp_type=_INTERP[prep.interpolation],
                        antialias=True)
     pos = _center_pos(resize, size)
-    return _normalize(images, dtype, channels_last, crop=(size, size), crop_pos_x=pos,
+    return _normalize(images, dtype, channels_last, prep, crop=(size, size), crop_pos_x=pos,
                       crop_pos_y=pos), _labels(label, on_gpu)
 
 
@@ -241,11 +249,14 @@ class DaliLoaders:
 
     def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, rt, seed: int,
                  decode_cache: str = "auto", options: DaliOptions = DaliOptions(),
-                 cache: CachePlan | None = None):
+                 cache: CachePlan | None = None, preprocessing: Preprocessing = DEFAULT_PREPROCESSING):
         """`cache`: a plan made once for several loaders in one process; None plans it here
-        from `decode_cache`. Raises ConfigError when some process would get no train image."""
+        from `decode_cache`. `preprocessing`: the model's resize, mean, std and interpolation
+        (taken at image_size), ResNet-18's by default. Raises ConfigError when some process
+        would get no train image."""
         self.classes = layout.classes
         self.rt, self.image_size, self.batch, self.seed = rt, image_size, batch_per_rank, seed
+        self.prep = preprocessing.at_size(image_size)
         self.options = options
         self.threads = options.threads or default_threads()
         train, test = layout.dali_files("train"), layout.dali_files("test")
@@ -305,7 +316,7 @@ class DaliLoaders:
             f"dali train: {s.steps} steps of {s.batch}{smaller} per process, each dropping the "
             f"last {s.dropped} of its {s.shard} shuffled images per epoch",
             f"dali decode cache: {self.cache.reason}",
-        ]
+        ] + ([_INEXACT[self.prep.interpolation]] if self.prep.interpolation in _INEXACT else [])
 
     # --- resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -385,7 +396,7 @@ class DaliLoaders:
         rt, files = self.rt, self._split(kind)
         on_gpu = _on_gpu(rt.device)
         return dict(files=[os.fspath(p) for p, _ in files], labels=[label for _, label in files],
-                    size=self.image_size, shard=rt.rank, shards=rt.world_size, on_gpu=on_gpu,
+                    size=self.image_size, shard=rt.rank, shards=rt.world_size, on_gpu=on_gpu, prep=self.prep,
                     decoder=decoder_args(on_gpu, self.cache, self.options.hw_decoder_load),
                     dtype=_dali_dtype(rt.amp_dtype), channels_last=rt.channels_last,
                     batch_size=self.shards.batch if kind == "train" else self.batch,

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from fastft.data.images import load_rgb
 from fastft.data.layout import DatasetLayout
-from fastft.data.transforms import DeviceNormalize, eval_transform, train_transform
+from fastft.data.transforms import (DEFAULT_PREPROCESSING, DeviceNormalize, Preprocessing, eval_transform,
+                                    train_transform)
 
 
 class LabelledFiles(Dataset):
@@ -101,16 +102,20 @@ class TorchLoaders:
     batch where training wants it: on the run's device, in its memory format and dtype.
 
     `rt` (a Runtime, or None: CPU, contiguous, fp32) is needed only by `to_device`.
+    `preprocessing`: the model's resize, mean, std and interpolation (taken at image_size, see
+    transforms.py); ResNet-18's by default. PIL does the resizing: this is the reference.
     """
 
     name = "torch"
 
     def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, workers: int,
                  seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False, *,
-                 rt=None, drop_ragged: bool = False, uint8: bool = False, min_batch: int = 1):
+                 rt=None, drop_ragged: bool = False, uint8: bool = False, min_batch: int = 1,
+                 preprocessing: Preprocessing = DEFAULT_PREPROCESSING):
         self.uint8, self.rank, self.world_size = uint8, rank, world_size
-        self.train_set = LabelledFiles(layout.files["train"], train_transform(image_size, uint8), seed)
-        self.test_set = LabelledFiles(layout.files["test"], eval_transform(image_size, uint8))
+        self.preprocessing = preprocessing.at_size(image_size)
+        self.train_set = LabelledFiles(layout.files["train"], train_transform(image_size, uint8, preprocessing), seed)
+        self.test_set = LabelledFiles(layout.files["test"], eval_transform(image_size, uint8, preprocessing))
         self.classes: Sequence[str] = layout.classes
         self.sampler = EpochIndices(DistributedSampler(self.train_set, num_replicas=world_size, rank=rank,
                                                        shuffle=True, seed=seed, drop_last=False))
@@ -134,7 +139,7 @@ class TorchLoaders:
         self.device = rt.device if rt is not None else torch.device("cpu")
         self.memory_format = rt.memory_format if rt is not None else torch.contiguous_format
         dtype = (rt.amp_dtype if rt is not None else None) or torch.float32
-        self.normalize = DeviceNormalize(self.device, dtype, self.memory_format) if uint8 else None
+        self.normalize = DeviceNormalize(self.device, dtype, self.memory_format, preprocessing) if uint8 else None
 
     @property
     def train_size(self) -> int:
