@@ -24,8 +24,7 @@ from fastft.errors import WeightsError
 from fastft.models.identify import MIN_BACKBONE_SHARE, identify
 from fastft.models.input_size import fit_to_image_size
 from fastft.models.matching import (  # noqa: F401  (LoadReport, load_matching: fastft.model's API)
-    Found, LoadReport, Target, load_matching, locate_state_dict, model_target, reading_parts, shortfall,
-    strip_wrapper_prefixes)
+    Found, LoadReport, Target, load_matching, locate_state_dict, model_target, reading_parts, shortfall)
 from fastft.models.registry import DEFAULT_MODEL, ModelSpec, get_spec
 from fastft.weights import is_safetensors, read_model_file
 

@@ -118,6 +118,17 @@ def test_a_timm_file_saved_by_timm_loads_fully_into_its_timm_model(tmp_path):
                                     "pass --model timm:test_efficientnet")
 
 
+def test_a_timm_sibling_of_the_chosen_model_is_named_without_help_from_the_path(tmp_path):
+    with torch.device("meta"):
+        state = timm.create_model("resnet18d").state_dict()  # ResNet-D: a 3-conv stem (conv1.0, .1, .3)
+    path = tmp_path / "weights.pt"
+    torch.save(state, path)
+    with pytest.raises(WeightsError) as info:
+        read_weights(path, get_spec("resnet18"), 224)
+    assert str(info.value) == (f"{path}: only 84 of resnet18's 100 backbone tensors match; this file is a "
+                               "timm:resnet18d checkpoint (all 110 tensors match): pass --model timm:resnet18d")
+
+
 class TinyViT(ModelSpec):
     """torchvision's VisionTransformer at 2 layers, 64 wide: vit_b_16's code at a test's size."""
 

@@ -8,8 +8,9 @@ Candidates, each matched as the chosen model is (fastft.models.matching.locate_s
   are searched further. That keeps a search to a few groups instead of all 80 models.
 - timm's models whose pretrained config names a first conv (`pretrained_cfg["first_conv"]`)
   that the file holds; names the file's path contains first (a Hugging Face cache path holds
-  `models--timm--NAME`), then those whose classifier the file also holds, then the shorter
-  names: at most MAX_TIMM_CANDIDATES are built.
+  `models--timm--NAME`), then the names nearest the chosen model's, then those whose classifier
+  the file also holds, then the shorter: at most MAX_TIMM_CANDIDATES are built. A timm file at a
+  path that does not name it, of a model unlike the chosen one, may go unnamed.
 The best fit wins: backbone tensors matched / (the candidate's backbone + the file's tensors it
 does not use), so ResNet-50's file names resnet50, not resnet101 (which holds all its names).
 Targets are cached per process (fastft.models.matching.model_target).
@@ -17,6 +18,7 @@ Targets are cached per process (fastft.models.matching.model_target).
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import re
@@ -78,7 +80,8 @@ def identify(obj: object, exclude: str, hint: str = "") -> Match | None:
     keys = [strip_wrapper_prefixes(k) for _, tensors in tensor_dicts(obj) for k in tensors]
     best = None
     # timm's list is read (and timm imported, ~1 s) only if no torchvision model fits every tensor.
-    for name in itertools.chain(_torchvision_candidates(keys), _lazy(_timm_candidates, keys, hint.lower())):
+    timm_side = _lazy(_timm_candidates, keys, hint.lower(), exclude.removeprefix("timm:"))
+    for name in itertools.chain(_torchvision_candidates(keys), timm_side):
         target = None if name == exclude else _target(name)
         if target is None:
             continue
@@ -135,8 +138,10 @@ def _torchvision_candidates(keys: list[str]) -> list[str]:
     return [name for _, names in sorted(ranked) for name in names]
 
 
-def _timm_candidates(keys: list[str], hint: str) -> list[str]:
-    """`timm:NAME` for up to MAX_TIMM_CANDIDATES timm models whose first conv the file holds."""
+def _timm_candidates(keys: list[str], hint: str, chosen: str) -> list[str]:
+    """`timm:NAME` for up to MAX_TIMM_CANDIDATES timm models whose first conv the file holds: those
+    the path names (the longest name first: "resnet18d" over "resnet18"), then those nearest the
+    chosen model's name (a sibling: resnet18d for resnet18), those whose head the file holds, the shorter."""
     try:
         import timm
         from timm.models import get_pretrained_cfg
@@ -149,9 +154,11 @@ def _timm_candidates(keys: list[str], hint: str) -> list[str]:
         first = _first(cfg.first_conv) if cfg else None
         if not first or f"{first}.weight" not in held:
             continue
-        head_held = f"{_first(cfg.classifier)}.weight" in held
-        # The longest name the path holds is the most specific ("resnet18d" over "resnet18").
-        ranked.append(((0, -len(name)) if name in hint else (1, not head_held, len(name)), name))
+        if name in hint:
+            ranked.append(((0, -len(name)), name))
+        else:
+            near = difflib.SequenceMatcher(None, name, chosen).ratio()
+            ranked.append(((1, -round(near, 2), f"{_first(cfg.classifier)}.weight" not in held, len(name)), name))
     return [f"timm:{name}" for _, name in sorted(ranked)[:MAX_TIMM_CANDIDATES]]
 
 
