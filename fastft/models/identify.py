@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 
 from fastft.models.matching import Found, Target, locate_state_dict, model_target, strip_wrapper_prefixes, tensor_dicts
+from fastft.models.registry import get_spec, torchvision_classifiers
 
 # A file of the same network matches all its backbone tensors, or all but the few a trainer
 # changed (a 3x3 CIFAR stem, a one-channel conv1). Another network matches far fewer, yet not
@@ -98,7 +99,6 @@ def _lazy(make, *args):
 
 
 def _target(name: str) -> Target | None:
-    from fastft.models.registry import get_spec
     try:
         with warnings.catch_warnings():  # GoogLeNet's and Inception's FutureWarning about init
             warnings.simplefilter("ignore")
@@ -120,7 +120,6 @@ def _torchvision_candidates(keys: list[str]) -> list[str]:
     """torchvision's classifiers in the groups whose blanked names the file holds, best group first."""
     import torchvision
 
-    from fastft.models.registry import torchvision_classifiers
     groups: dict[str, list[str]] = {}
     # Shortest names first: the small members (resnet18 before resnet101) are built fastest.
     for name in sorted(torchvision_classifiers(), key=lambda n: (len(n), n)):
