@@ -185,7 +185,7 @@ def test_a_partial_file_lists_the_backbone_names_it_lacks(imagenet_like, tmp_pat
     state = torch.load(imagenet_like)
     torch.save(dict(list(state.items())[:20]), tmp_path / "part.pth")
     message = weights_error(tmp_path / "part.pth")
-    assert "only 17 of ResNet-18's 100 backbone tensors match" in message and "(the head)" not in message
+    assert "only 17 of resnet18's 100 backbone tensors match" in message and "(the head)" not in message
     assert message.endswith("missing 83: layer1.1.bn1.bias, layer1.1.bn1.running_mean, "
                             "layer1.1.bn1.running_var, layer1.1.conv2.weight, ...")
 

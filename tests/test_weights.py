@@ -59,7 +59,7 @@ def test_a_file_that_is_not_a_state_dict_is_a_clear_error(tmp_path):
 
 
 def test_a_state_dict_that_matches_nothing_is_a_clear_error():
-    with pytest.raises(WeightsError, match="no tensor matches ResNet-18"):
+    with pytest.raises(WeightsError, match="no tensor matches the ResNet model by name and shape"):
         load_matching(build_resnet18(2), {"encoder.weight": torch.zeros(4, 4)}, "imagenet")
 
 
@@ -174,16 +174,18 @@ def test_non_tensor_entries_are_ignored_not_a_reason_to_refuse(imagenet_like, tm
 
 def test_too_few_backbone_matches_is_a_one_line_error_naming_unmatched_keys(tmp_path):
     with torch.device("meta"):  # shapes only: the file stays a few kB
-        other = torchvision.models.resnet50().state_dict()
-    path = tmp_path / "resnet50.pt"
+        other = torchvision.models.resnet18(num_classes=10).state_dict()
+    for name in [n for n in other if n.startswith("layer1.") and other[n].dim()]:  # a narrower first stage: a changed network
+        other[name] = torch.empty(other[name].shape[0] // 2, *other[name].shape[1:], device="meta")
+    path = tmp_path / "narrow.pt"
     torch.save({"state_dict": other}, path)
     with pytest.raises(WeightsError) as info:
         read_state_dict(path)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"{path}: only 77 of ResNet-18's 100 backbone tensors match by name and shape "
+    assert message.startswith(f"{path}: only 80 of resnet18's 100 backbone tensors match by name and shape "
                               "in ['state_dict'] (at least 90 needed")
-    assert "unmatched keys: layer1.0.conv1.weight (64x64x1x1 vs 64x64x3x3), layer1.0.conv3.weight" in message
+    assert "unmatched keys: layer1.0.conv1.weight (32x64x3x3 vs 64x64x3x3), layer1.0.bn1.weight (32 vs 64)" in message
 
 
 def refusal(path, what):

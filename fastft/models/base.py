@@ -126,9 +126,10 @@ def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def meta_shapes(build) -> dict[str, torch.Size]:
-    """{state_dict name: shape} of the model `build()` makes, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {name: t.shape for name, t in build().state_dict().items()}
+    """{state_dict name: shape} of the model `build()` makes, built on the meta device (no memory;
+    matching.meta_model also serves builders that compute with tensors, as RegNet's does)."""
+    from fastft.models.matching import meta_model
+    return {name: t.shape for name, t in meta_model(build).state_dict().items()}
 
 
 class Family:
