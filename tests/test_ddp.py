@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from fastft.data.synth import write_synthetic
 from fastft.distributed import broadcast_buffers
@@ -222,3 +223,23 @@ def test_broadcast_buffers_gives_every_rank_rank0s_buffers_and_leaves_parameters
         assert torch.equal(state["1.running_var"], torch.full((4,), 2.0))
         assert state["1.num_batches_tracked"].item() == 5
     assert [state["1.weight"][0].item() for state in states] == [3.0, 4.0]  # parameters are DDP's job
+
+
+def test_a_model_without_batch_norm_trains_under_ddp_exactly_as_one(ddp_data, tmp_path):
+    """vit_b_16 (no BN, so per-process batch statistics cannot differ) with partial:2: the split
+    fast path under DDP gives one process's weights; its frozen blocks stay as initialised."""
+    options = {"model": "vit_b_16", "strategy": "partial:2", "epochs": 1}
+    rc, _, err = finish(torchrun(2, train_args(ddp_data, "none", tmp_path / "ddp", **options)), timeout=600)
+    assert rc == 0, err[-3000:]
+    from fastft.config import TrainConfig
+    train(TrainConfig(data=str(ddp_data), out=str(tmp_path / "one"), epochs=1, batch_size=16, image_size=32,
+                      workers=0, device="cpu", amp="off", compile=False, loader="torch", lr=1e-3,
+                      model="vit_b_16", strategy="partial:2", weights="none"))
+    ddp, one = weights_of(tmp_path / "ddp"), weights_of(tmp_path / "one")
+    assert max_difference(ddp, one) < 1e-5
+    torch.manual_seed(0)  # as both runs, before they build the model
+    start = torchvision.models.vit_b_16(num_classes=2, image_size=32).state_dict()
+    frozen = [k for k in start if k.startswith(("conv_proj", "class_token", "encoder.pos_embedding",
+                                                *(f"encoder.layers.encoder_layer_{i}." for i in range(6))))]
+    assert frozen and all(torch.equal(one[k], start[k]) for k in frozen)
+    assert not torch.equal(one["heads.head.weight"], start["heads.head.weight"])
