@@ -45,7 +45,7 @@ from fastft.bench_table import (COLUMNS, format_table, plot, require_matplotlib,
                                 table_rows, write_json)
 from fastft.config import TrainConfig
 from fastft.curves import image_file, image_format
-from fastft.errors import ConfigError, FastftError
+from fastft.errors import ConfigError, FastftError, WeightsError
 from fastft.safe_write import check_writable
 
 STRATEGIES = ("finetune", "frozen", "hotdog", "scratch", "partial:2")
@@ -254,9 +254,13 @@ def guarded_row(spec: BenchSpec, model: str, strategy: str, data_dir: Path, imag
                 work: Path) -> dict:
     """measure_row, with a failure other than the user's (a compile error) turned into a row that
     says so, so it does not hide the other rows. A FastftError (a setting the user can fix)
-    fails every row alike: it stops the bench at once."""
+    fails every row alike: it stops the bench at once. A WeightsError is about the weights file
+    the bench made itself for hotdog (fastft.model.read_weights reads ResNet-18 files only so
+    far), so it is one row's failure."""
     try:
         return measure_row(spec, model, strategy, data_dir, imagenet_like, work)
+    except WeightsError as exc:
+        return {"model": model, "strategy": strategy, "error": f"WeightsError: {exc.one_line()}"}
     except FastftError:
         raise
     except Exception as exc:
