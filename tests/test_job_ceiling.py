@@ -1,7 +1,9 @@
-"""bench/job_ceiling.py's arithmetic and its process timer (no job runs here)."""
+"""bench/job_ceiling.py's arithmetic, its process timer, --model and its timm equivalents; one tiny
+job runs end to end (marked slow: four processes)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -30,3 +32,51 @@ def test_timed_process_counts_the_child_cpu_and_not_a_sleep(jc):
     idle, idle_cpu = jc.timed_process([sys.executable, "-c", "import time; time.sleep(0.5)"])
     assert idle >= 0.5 and idle_cpu < idle - 0.3   # a sleeping child costs wall time, little CPU
     assert busy >= 0.3 and busy_cpu >= 0.3          # a busy one costs both
+
+
+@pytest.mark.slow
+def test_model_option_runs_the_job_its_reference_and_its_own_ceiling(jc, tmp_path, capsys):
+    """The test mode: a tiny job end to end (2 processes of `fastft train`, 2 imports) with --model."""
+    from fastft import cli
+    data = tmp_path / "data"
+    assert cli.main(["data", "synth", str(data), "--train", "8", "--test", "4"]) == 0
+    out = tmp_path / "job.json"
+    assert jc.main(["--data", str(data), "--model", "mobilenet_v3_large", "--jobs", "frozen", "--reference",
+                    "--repeats", "1", "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--steps", "1",
+                    "--amp", "off", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    (repeat,) = saved["repeats"]
+    assert saved["model"] == repeat["model"] == "mobilenet_v3_large" and saved["image_size"] == 32
+    job = repeat["jobs"]["frozen"]
+    assert "--model mobilenet_v3_large" in job["cmd"] and job["efficiency"] > 0 and job["vs_d2l"] > 0
+    assert job["ideal_s"] == pytest.approx(repeat["import_s"] + 8 / repeat["forward_img_s"] + 4 / repeat["forward_img_s"])
+    assert "ceiling step (mobilenet_v3_large, fp32" in capsys.readouterr().out
+
+
+def test_model_defaults_to_its_own_input_size_and_reference_jobs_narrow_the_reference(jc):
+    args = jc.parse_args(["--data", "d", "--model", "timm:mobilenetv4_conv_small", "--reference-jobs", "frozen"])
+    assert (args.model, args.image_size, args.reference_jobs) == ("timm:mobilenetv4_conv_small", 224, "frozen")
+    assert jc.parse_args(["--data", "d"]).image_size == 224 and jc.parse_args(["--data", "d"]).model == "resnet18"
+
+
+def test_timm_runs_the_timm_equivalent_or_says_why_not(jc, monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(jc, "timed_process", lambda cmd, **kw: seen.append(cmd) or (20.0, 30.0))
+    for model, timm_name in (("mobilenet_v3_large", "mobilenetv3_large_100"), ("timm:efficientvit_b0", "efficientvit_b0")):
+        args = jc.parse_args(["--data", "d", "--model", model, "--timm", "train.py", "--image-size", "64"])
+        run = {"wall_s": 10.0, "cpu_s": 10.0}
+        jc.add_timm_run(args, run, tmp_path)
+        assert seen[-1][seen[-1].index("--model") + 1] == timm_name and run["timm_model"] == timm_name
+        assert (run["vs_timm"], run["vs_timm_cpu"]) == (2.0, 3.0) and "timm_note" not in run
+    run = {"wall_s": 10.0, "cpu_s": 10.0}
+    jc.add_timm_run(jc.parse_args(["--data", "d", "--model", "regnet_x_400mf", "--timm", "t.py"]), run, tmp_path)
+    assert len(seen) == 2 and run == {"wall_s": 10.0, "cpu_s": 10.0,
+                                      "timm_note": "n/a: timm has no equivalent of regnet_x_400mf "
+                                                   "(bench/job_ceiling.py TIMM_EQUIVALENTS)"}
+
+
+def test_timm_equivalents_name_real_models_on_both_sides(jc):
+    timm = pytest.importorskip("timm", reason="timm is optional (pip install 'fastft[timm]')")
+    from fastft.models.registry import torchvision_classifiers
+    assert set(jc.TIMM_EQUIVALENTS) <= set(torchvision_classifiers())
+    assert [name for name in jc.TIMM_EQUIVALENTS.values() if not timm.is_model(name)] == []
