@@ -192,7 +192,8 @@ def timed_process(cmd: list[str], **kwargs) -> tuple[float, float]:
 
 def run_job(args, strategy: str, out: Path, extra: list[str], launcher: list[str] = ("-m", "fastft")) -> dict:
     """`fastft train` as its own process: wall and CPU time (s) and the summary's job_s and phases_s."""
-    cmd = [sys.executable, *launcher, "train", "--data", str(args.data), "--model", args.model, "--strategy", strategy,
+    model = getattr(args, "model", "resnet18")  # bench/threads_jobs.py's args have no --model
+    cmd = [sys.executable, *launcher, "train", "--data", str(args.data), "--model", model, "--strategy", strategy,
            "--weights", "none", "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
            "--epochs", str(args.epochs), "--out", str(out), *extra]
     wall, cpu = timed_process(cmd)
