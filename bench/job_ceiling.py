@@ -279,7 +279,8 @@ def summary_lines(repeats: list[dict], jobs: list[str]) -> list[str]:
     lines = [f"medians of {len(repeats)} repeat(s) (min-max in brackets):",
              f"  import torch, torchvision: {_spread(repeats, lambda r: r['import_s'])} s as a whole process, "
              f"{_spread(repeats, lambda r: r['import_no_teardown_s'])} s without the exit teardown",
-             f"  ceiling step ({repeats[0].get('model', 'resnet18')}, {amp}, channels_last): {_spread(repeats, lambda r: r['step_img_s'])} img/s",
+             f"  ceiling step ({repeats[0].get('model', 'resnet18')}, {amp}, channels_last): "
+             f"{_spread(repeats, lambda r: r['step_img_s'])} img/s",
              f"  ceiling forward ({amp}, channels_last): {_spread(repeats, lambda r: r['forward_img_s'])} img/s"]
     for job in jobs:
         line = (f"  {job}: whole job {_spread(repeats, lambda r: r['jobs'][job]['wall_s'])} s, "

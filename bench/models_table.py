@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--steps", type=int, default=6, help="timed steps (and forwards) per ceiling")
     p.add_argument("--timm", type=Path, metavar="TRAIN_PY", help="timm's train.py (see job_ceiling's doc)")
-    p.add_argument("--quick", action="store_true", help="smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
     p.add_argument("--json", type=Path, default=Path("models_table.json"), help="(default: %(default)s)")
     p.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = p.parse_args(argv)
@@ -103,8 +104,8 @@ def model_row(model: str, repeats: list[dict]) -> dict:
         values = [r["jobs"][job][key] for r in repeats if key in r["jobs"][job]]
         return statistics.median(values) if values else None
     fine = repeats[0]["jobs"]["finetune"]
-    return {"model": model, "finetune_s": med("finetune", "wall_s"), "finetune_efficiency": med("finetune", "efficiency"),
-            "finetune_efficiency_cpu": med("finetune", "efficiency_cpu"), "frozen_s": med("frozen", "wall_s"),
+    return {"model": model, "finetune_s": med("finetune", "wall_s"),
+            "finetune_efficiency": med("finetune", "efficiency"), "finetune_efficiency_cpu": med("finetune", "efficiency_cpu"), "frozen_s": med("frozen", "wall_s"),
             "frozen_efficiency": med("frozen", "efficiency"), "reference_frozen_s": med("frozen", "reference_wall_s"),
             "vs_d2l": med("frozen", "vs_d2l"), "vs_d2l_cpu": med("frozen", "vs_d2l_cpu"),
             "timm_s": med("finetune", "timm_wall_s"), "vs_timm": med("finetune", "vs_timm"),

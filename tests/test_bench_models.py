@@ -76,7 +76,8 @@ def test_a_weights_file_the_engine_refuses_fails_its_row_only(monkeypatch, tmp_p
     monkeypatch.setattr(bench, "prepare_data", lambda spec: tmp_path)
     monkeypatch.setattr(bench, "random_imagenet_weights", lambda path, model, size: path)
     monkeypatch.setattr(bench, "measure_row", measure)
-    rows = bench.run_bench(BenchSpec(models=("resnet18", "mobilenet_v3_large"), strategies=("hotdog", "frozen")))["rows"]
+    spec = BenchSpec(models=("resnet18", "mobilenet_v3_large"), strategies=("hotdog", "frozen"))
+    rows = bench.run_bench(spec)["rows"]
     assert [(r["model"], r["strategy"], r.get("error")) for r in rows] == [
         ("resnet18", "hotdog", None), ("resnet18", "frozen", None),
         ("mobilenet_v3_large", "hotdog", "WeightsError: x.pth: only 0 of ResNet-18's 100 backbone tensors match"),

@@ -49,7 +49,8 @@ def test_model_option_runs_the_job_its_reference_and_its_own_ceiling(jc, tmp_pat
     assert saved["model"] == repeat["model"] == "mobilenet_v3_large" and saved["image_size"] == 32
     job = repeat["jobs"]["frozen"]
     assert "--model mobilenet_v3_large" in job["cmd"] and job["efficiency"] > 0 and job["vs_d2l"] > 0
-    assert job["ideal_s"] == pytest.approx(repeat["import_s"] + 8 / repeat["forward_img_s"] + 4 / repeat["forward_img_s"])
+    forward = repeat["forward_img_s"]  # frozen: 8 train images once (1 epoch), the 4 test images once
+    assert job["ideal_s"] == pytest.approx(repeat["import_s"] + 8 / forward + 4 / forward)
     assert "ceiling step (mobilenet_v3_large, fp32" in capsys.readouterr().out
 
 
@@ -62,7 +63,8 @@ def test_model_defaults_to_its_own_input_size_and_reference_jobs_narrow_the_refe
 def test_timm_runs_the_timm_equivalent_or_says_why_not(jc, monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(jc, "timed_process", lambda cmd, **kw: seen.append(cmd) or (20.0, 30.0))
-    for model, timm_name in (("mobilenet_v3_large", "mobilenetv3_large_100"), ("timm:efficientvit_b0", "efficientvit_b0")):
+    for model, timm_name in (("mobilenet_v3_large", "mobilenetv3_large_100"),
+                             ("timm:efficientvit_b0", "efficientvit_b0")):
         args = jc.parse_args(["--data", "d", "--model", model, "--timm", "train.py", "--image-size", "64"])
         run = {"wall_s": 10.0, "cpu_s": 10.0}
         jc.add_timm_run(args, run, tmp_path)
