@@ -20,6 +20,7 @@ def _cell(stat: dict | None, digits: int = 1) -> str:
     return text if stat["min"] == stat["max"] else f"{text} ({stat['min']:.{digits}f}-{stat['max']:.{digits}f})"
 
 
+ERROR_CHARS = 100  # of a failed row's error shown in the table (the JSON keeps it whole): a column stays on screen
 COLUMNS = ("model", "strategy", "e2e img/s", "ref e2e img/s", "speedup e2e", "compute img/s", "ref compute img/s",
            "speedup compute", "speedup CPU s", "threads", "compile s", "peak MB", "recompiles", "job s", "ref job s")
 
@@ -28,7 +29,8 @@ def table_rows(result: dict) -> list[list[str]]:
     rows = []
     for row in result["rows"]:
         if "error" in row:
-            rows.append([_model(row), row["strategy"], f"failed: {row['error']}"] + [""] * (len(COLUMNS) - 3))
+            error = row["error"] if len(row["error"]) <= ERROR_CHARS else row["error"][:ERROR_CHARS] + "..."
+            rows.append([_model(row), row["strategy"], f"failed: {error}"] + [""] * (len(COLUMNS) - 3))
             continue
         fast, ref = row["fastft"], row["reference"]
         rows.append([_model(row), row["strategy"], _cell(fast["examples_per_sec"]), _cell(ref["examples_per_sec"]),

@@ -82,6 +82,9 @@ def test_a_weights_file_the_engine_refuses_fails_its_row_only(monkeypatch, tmp_p
         ("resnet18", "hotdog", None), ("resnet18", "frozen", None),
         ("mobilenet_v3_large", "hotdog", "WeightsError: x.pth: only 0 of ResNet-18's 100 backbone tensors match"),
         ("mobilenet_v3_large", "frozen", None)]
+    long = {"model": "m", "strategy": "hotdog", "error": "WeightsError: " + "x" * 200}
+    (cells,) = bench.table_rows({"rows": [long]})
+    assert cells[2] == "failed: WeightsError: " + "x" * 86 + "..."
 
 
 def test_model_and_models_set_one_tuple_and_cannot_be_combined(monkeypatch, capsys):
