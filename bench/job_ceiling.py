@@ -149,7 +149,8 @@ def ceiling_rates(batch: int, size: int, amp: str, steps: int, model_name: str =
     # *_cpu: images per CPU second of this process (all its threads), for the CPU-time ideal.
     return {"amp": str(dtype).replace("torch.", "") if dtype else "fp32",
             "step_img_s": batch / step_s, "forward_img_s": batch / forward_s,
-            "step_img_cpu": batch / step_cpu, "forward_img_cpu": batch / forward_cpu}
+            "step_img_cpu": batch / step_cpu, "forward_img_cpu": batch / forward_cpu,
+            "ceiling_threads": torch.get_num_threads()}  # torch's default here; the job picks its own
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
