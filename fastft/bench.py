@@ -158,7 +158,7 @@ def run_once(cfg: TrainConfig, quiet_run: bool = True) -> dict:
         summary = trainer.fit()
     # arch: the class the engine built, so a table row is known to have run the model it names.
     summary = {**summary, "cpu_s": time.process_time() - cpu, "threads": torch.get_num_threads(),
-               "model": cfg.model, "arch": type(trainer.model).__name__}
+               "model": cfg.model, "arch": type(getattr(trainer, "model", None)).__name__}
     del trainer
     # The Trainer is gone; collect its cycles now, so its DALI pipelines release the decoder cache
     # (one per process, with fixed arguments) before the next run asks for its own.
