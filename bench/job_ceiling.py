@@ -212,18 +212,31 @@ def timm_job(args, out: Path) -> tuple[float, float]:
            "--img-size", str(args.image_size), "-b", str(args.batch_size), "--epochs", str(args.epochs),
            "--channels-last", "-j", "2", "--device", "cpu", "--opt", "momentum", "--lr", "5e-5",
            "--weight-decay", "1e-3", "--sched", "step", "--decay-epochs", "1000", "--warmup-epochs", "0",
-           "--output", str(out), "--log-interval", "1000"]
+           "--output", str(out), "--log-interval", "1000", *timm_size_kwargs(args.model, args.image_size)]
     return timed_process(cmd, stderr=subprocess.DEVNULL)
 
 
+def timm_size_kwargs(model: str, image_size: int) -> list[str]:
+    """train.py's `--model-kwargs img_size=N` where timm's model fixes its input size (a ViT) and
+    the job's differs: train.py's --img-size only sizes the data, so the model would refuse it."""
+    from fastft.models.timm_models import pretrained_cfg
+    cfg = pretrained_cfg(timm_model_name(model))
+    fixed = cfg.get("fixed_input_size") and int(cfg["input_size"][-1]) != image_size
+    return ["--model-kwargs", f"img_size={image_size}"] if fixed else []
+
+
 def add_timm_run(args, run: dict, out: Path) -> None:
-    """The finetune job through timm's train.py into `run` (timm_wall_s, vs_timm...), or, for a
-    model timm has no equivalent of, `timm_note` saying so."""
+    """The finetune job through timm's train.py into `run` (timm_wall_s, vs_timm...), or
+    `timm_note` saying why not: timm has no equivalent of the model, or train.py failed."""
     if not timm_model_name(args.model):
         run["timm_note"] = f"n/a: timm has no equivalent of {args.model} (bench/job_ceiling.py TIMM_EQUIVALENTS)"
         return
     run["timm_model"] = timm_model_name(args.model)
-    run["timm_wall_s"], run["timm_cpu_s"] = timm_job(args, out)
+    try:
+        run["timm_wall_s"], run["timm_cpu_s"] = timm_job(args, out)
+    except subprocess.CalledProcessError as exc:  # timm's failure; fastft's figures for the model stand
+        run["timm_note"] = f"failed: timm's train.py exited {exc.returncode} (its stderr is not kept)"
+        return
     run["vs_timm"], run["vs_timm_cpu"] = run["timm_wall_s"] / run["wall_s"], run["timm_cpu_s"] / run["cpu_s"]
 
 

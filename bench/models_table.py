@@ -120,7 +120,8 @@ def _s(value: float | None, ratio: float | None = None, suffix: str = "") -> str
 
 def table_cells(row: dict, timm_given: bool) -> list[str]:
     if "error" in row:
-        return [row["model"], str(row.get("image_size", "")), f"failed: {row['error']}", "", "", ""]
+        error = row["error"] if len(row["error"]) <= 100 else row["error"][:100] + "..."  # the JSON has it whole
+        return [row["model"], str(row.get("image_size", "")), f"failed: {error}", "", "", ""]
     if row["timm_s"] is not None:
         timm = f"{_s(row['timm_s'], row['vs_timm'], 'x')} as {row['timm_model']}"
     else:

@@ -82,3 +82,16 @@ def test_timm_equivalents_name_real_models_on_both_sides(jc):
     from fastft.models.registry import torchvision_classifiers
     assert set(jc.TIMM_EQUIVALENTS) <= set(torchvision_classifiers())
     assert [name for name in jc.TIMM_EQUIVALENTS.values() if not timm.is_model(name)] == []
+
+
+def test_timm_gets_a_fixed_size_models_size_and_a_failed_train_py_is_a_note(jc, monkeypatch, tmp_path):
+    pytest.importorskip("timm", reason="timm is optional (pip install 'fastft[timm]')")
+    assert jc.timm_size_kwargs("vit_b_16", 64) == ["--model-kwargs", "img_size=64"]
+    assert jc.timm_size_kwargs("vit_b_16", 224) == [] and jc.timm_size_kwargs("resnet18", 64) == []
+
+    def fail(cmd, **kw):
+        raise jc.subprocess.CalledProcessError(2, cmd)
+    monkeypatch.setattr(jc, "timed_process", fail)
+    run = {"wall_s": 10.0, "cpu_s": 10.0}
+    jc.add_timm_run(jc.parse_args(["--data", "d", "--model", "vit_b_16", "--timm", "t.py"]), run, tmp_path)
+    assert run["timm_note"] == "failed: timm's train.py exited 2 (its stderr is not kept)" and "vs_timm" not in run
