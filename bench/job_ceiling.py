@@ -8,7 +8,7 @@
 
 timm's train.py is the script at the top of github.com/huggingface/pytorch-image-models (not in
 the pip package, nor in its sdist; `pip install timm` for the library it imports). It trains
-timm's models only: a torchvision name runs as its closest timm equivalent (TIMM_EQUIVALENTS),
+timm's models only: a torchvision name runs as its closest timm equivalent (timm_model_name),
 and a model without one gets no timm run (the JSON says why).
 
 --model NAME (fastft.models: a torchvision builder or timm:NAME; default resnet18): every job,
@@ -88,19 +88,37 @@ def model_image_size(model: str) -> int:
     return get_spec(model).preprocessing().image_size
 
 
-# torchvision builder -> timm's name for the same network (architecture, not weights), for train.py.
-TIMM_EQUIVALENTS = {"resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50",
-                    "resnet101": "resnet101", "efficientnet_b0": "efficientnet_b0",
-                    "mobilenet_v2": "mobilenetv2_100", "mobilenet_v3_large": "mobilenetv3_large_100",
-                    "mobilenet_v3_small": "mobilenetv3_small_100", "convnext_tiny": "convnext_tiny",
-                    "convnext_small": "convnext_small", "vit_b_16": "vit_base_patch16_224",
-                    "regnet_y_400mf": "regnety_004"}
+# torchvision builder -> timm's name for the same network (architecture, not weights), for train.py,
+# where the names differ; where timm has the torchvision name itself (resnet50, efficientnet_b0,
+# convnext_tiny, densenet121, vgg16...) it is the same network. None: alexnet, googlenet,
+# maxvit_t (timm's MaxViTs differ), regnet_y_128gf, shufflenet_v2_*, squeezenet*.
+TIMM_RENAMED = {
+    "mobilenet_v2": "mobilenetv2_100", "mobilenet_v3_large": "mobilenetv3_large_100",
+    "mobilenet_v3_small": "mobilenetv3_small_100", "mnasnet0_5": "mnasnet_050", "mnasnet0_75": "mnasnet_075",
+    "mnasnet1_0": "mnasnet_100", "mnasnet1_3": "mnasnet_140", "efficientnet_v2_s": "tf_efficientnetv2_s",
+    "efficientnet_v2_m": "tf_efficientnetv2_m", "efficientnet_v2_l": "tf_efficientnetv2_l",
+    "vit_b_16": "vit_base_patch16_224", "vit_b_32": "vit_base_patch32_224", "vit_l_16": "vit_large_patch16_224",
+    "vit_l_32": "vit_large_patch32_224", "vit_h_14": "vit_huge_patch14_224",
+    "swin_t": "swin_tiny_patch4_window7_224", "swin_s": "swin_small_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window7_224", "swin_v2_t": "swinv2_tiny_window8_256",
+    "swin_v2_s": "swinv2_small_window8_256", "swin_v2_b": "swinv2_base_window8_256",
+    **{f"regnet_{kind}_{size}": f"regnet{kind}_{code}" for kind in "xy" for size, code in
+       (("400mf", "004"), ("800mf", "008"), ("1_6gf", "016"), ("3_2gf", "032"), ("8gf", "080"),
+        ("16gf", "160"), ("32gf", "320"))}}
 
 
 def timm_model_name(model: str) -> str | None:
     """The name timm's train.py takes for `model`: timm:NAME's NAME, a torchvision name's entry in
-    TIMM_EQUIVALENTS, else None (no timm run)."""
-    return model[len("timm:"):] if model.startswith("timm:") else TIMM_EQUIVALENTS.get(model)
+    TIMM_RENAMED, the torchvision name itself where timm has it, else None (no timm run)."""
+    if model.startswith("timm:"):
+        return model[len("timm:"):]
+    if model in TIMM_RENAMED:
+        return TIMM_RENAMED[model]
+    try:
+        import timm
+    except ImportError:  # no timm, no train.py run either
+        return None
+    return model if timm.is_model(model) else None
 
 
 def count_images(split: Path) -> int:
@@ -229,7 +247,7 @@ def add_timm_run(args, run: dict, out: Path) -> None:
     """The finetune job through timm's train.py into `run` (timm_wall_s, vs_timm...), or
     `timm_note` saying why not: timm has no equivalent of the model, or train.py failed."""
     if not timm_model_name(args.model):
-        run["timm_note"] = f"n/a: timm has no equivalent of {args.model} (bench/job_ceiling.py TIMM_EQUIVALENTS)"
+        run["timm_note"] = f"n/a: timm has no equivalent of {args.model} (bench/job_ceiling.py TIMM_RENAMED)"
         return
     run["timm_model"] = timm_model_name(args.model)
     try:

@@ -71,17 +71,20 @@ def test_timm_runs_the_timm_equivalent_or_says_why_not(jc, monkeypatch, tmp_path
         assert seen[-1][seen[-1].index("--model") + 1] == timm_name and run["timm_model"] == timm_name
         assert (run["vs_timm"], run["vs_timm_cpu"]) == (2.0, 3.0) and "timm_note" not in run
     run = {"wall_s": 10.0, "cpu_s": 10.0}
-    jc.add_timm_run(jc.parse_args(["--data", "d", "--model", "regnet_x_400mf", "--timm", "t.py"]), run, tmp_path)
+    jc.add_timm_run(jc.parse_args(["--data", "d", "--model", "alexnet", "--timm", "t.py"]), run, tmp_path)
     assert len(seen) == 2 and run == {"wall_s": 10.0, "cpu_s": 10.0,
-                                      "timm_note": "n/a: timm has no equivalent of regnet_x_400mf "
-                                                   "(bench/job_ceiling.py TIMM_EQUIVALENTS)"}
+                                      "timm_note": "n/a: timm has no equivalent of alexnet "
+                                                   "(bench/job_ceiling.py TIMM_RENAMED)"}
 
 
 def test_timm_equivalents_name_real_models_on_both_sides(jc):
     timm = pytest.importorskip("timm", reason="timm is optional (pip install 'fastft[timm]')")
     from fastft.models.registry import torchvision_classifiers
-    assert set(jc.TIMM_EQUIVALENTS) <= set(torchvision_classifiers())
-    assert [name for name in jc.TIMM_EQUIVALENTS.values() if not timm.is_model(name)] == []
+    assert set(jc.TIMM_RENAMED) <= set(torchvision_classifiers())
+    assert [name for name in jc.TIMM_RENAMED.values() if not timm.is_model(name)] == []
+    assert jc.TIMM_RENAMED["regnet_y_1_6gf"] == "regnety_016"
+    assert [jc.timm_model_name(n) for n in ("resnet50", "convnext_tiny", "timm:efficientvit_b0", "googlenet")] == [
+        "resnet50", "convnext_tiny", "efficientvit_b0", None]
 
 
 def test_timm_gets_a_fixed_size_models_size_and_a_failed_train_py_is_a_note(jc, monkeypatch, tmp_path):

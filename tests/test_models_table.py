@@ -15,10 +15,10 @@ def mt(bench_script):
 
 def fake_repeat(model: str, wall: float, timm: bool = True) -> dict:
     fine = {"wall_s": wall, "efficiency": 0.5, "efficiency_cpu": 0.6}
-    if timm and model != "regnet_x_400mf":
+    if timm and model != "alexnet":
         fine.update(timm_wall_s=3 * wall, vs_timm=3.0, timm_model="t_" + model)
     elif timm:
-        fine["timm_note"] = "n/a: timm has no equivalent of regnet_x_400mf"
+        fine["timm_note"] = "n/a: timm has no equivalent of alexnet"
     frozen = {"wall_s": wall / 2, "efficiency": 0.4, "efficiency_cpu": 0.5, "reference_wall_s": wall,
               "vs_d2l": 2.0, "vs_d2l_cpu": 2.5}
     return {"model": model, "jobs": {"finetune": fine, "frozen": frozen}}
@@ -57,10 +57,10 @@ def test_main_runs_every_model_and_writes_the_table_and_json(mt, bench_script, m
         for i in range(count):
             (data / split / "a" / f"{i}.jpg").write_bytes(b"")
     out, md = tmp_path / "t.json", tmp_path / "t.md"
-    argv = ["--data", str(data), "--models", "resnet18,regnet_x_400mf,convnext_tiny,timm:mobilenetv4_conv_small",
+    argv = ["--data", str(data), "--models", "resnet18,alexnet,convnext_tiny,timm:mobilenetv4_conv_small",
             "--timm", "train.py", "--json", str(out), "--markdown", str(md)]
     assert mt.main(argv) == 1  # a model failed
-    assert [r[:3] for r in ran] == [("resnet18", 224, "frozen"), ("regnet_x_400mf", 224, "frozen"),
+    assert [r[:3] for r in ran] == [("resnet18", 224, "frozen"), ("alexnet", 224, "frozen"),
                                     ("convnext_tiny", 224, "frozen"), ("timm:mobilenetv4_conv_small", 224, "frozen")]
     assert all(r[3:] == (["finetune", "frozen"], 3, 2) for r in ran)
     result = json.loads(out.read_text())
@@ -72,7 +72,7 @@ def test_main_runs_every_model_and_writes_the_table_and_json(mt, bench_script, m
     assert f"`python bench/models_table.py {' '.join(argv)}`" in text and "flags " in text and "loadavg" in text
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| ")][2:]
     assert rows[0] == ["resnet18", "224", "10.0 (0.50)", "5.0 (2.00x)", "10.0", "30.0 (3.00x) as t_resnet18"]
-    assert rows[1][5] == "n/a: timm has no equivalent of regnet_x_400mf"
+    assert rows[1][5] == "n/a: timm has no equivalent of alexnet"
     assert rows[2][:3] == ["convnext_tiny", "224", "failed: RuntimeError: fastft train failed"]
     assert len(rows) == 4 and rows[3][0] == "timm:mobilenetv4_conv_small"
 
