@@ -16,9 +16,9 @@ the reference and the ceiling use that model, at its own input size unless --ima
 otherwise, and the import is timed with timm's where the model is timm's.
 
 Ceiling (measured here, in this process, each repeat): the import of torch and torchvision in a
-fresh interpreter (process wall time), a bare train step of the model (ResNet-18 by default; (SGD, summed cross-entropy,
-channels_last, no data) and a bare forward (eval, inference mode), at the job's batch, size and
-AMP dtype (`--amp auto` resolves as the engine does: bf16 on a CPU with AVX512-BF16).
+fresh interpreter (process wall time), a bare train step of the model (ResNet-18 by default;
+SGD, summed cross-entropy, channels_last, no data) and a bare forward (eval, inference mode), at
+the job's batch, size and AMP dtype (`--amp auto` resolves as the engine does: bf16 on a CPU with AVX512-BF16).
 
     ideal finetune = import + epochs x train / step rate + epochs x test / forward rate
     ideal frozen   = import + epochs x train / forward rate + test / forward rate
