@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=6, help="timed steps (and forwards) per ceiling")
+    p.add_argument("--ceiling-threads", type=int, default=0, help="the ceiling's torch threads: 0 = torch's "
+                   "default (as before), -1 = what `fastft train` would pick now (fastft.threads.decide: 1 "
+                   "beside a busy neighbour, where 2 threads wait on each other), N = N")
     p.add_argument("--reference", action="store_true", help="also run each job with the REFERENCE settings")
     p.add_argument("--reference-jobs", default="", help="with --reference: only these jobs (default: all)")
     p.add_argument("--with-teardown", action="store_true",
@@ -134,13 +137,17 @@ def import_seconds(teardown: bool = True, model: str = "resnet18") -> tuple[floa
     return timed_process([sys.executable, "-c", code])
 
 
-def ceiling_rates(batch: int, size: int, amp: str, steps: int, model_name: str = "resnet18") -> dict:
+def ceiling_rates(batch: int, size: int, amp: str, steps: int, model_name: str = "resnet18",
+                  threads: int = 0) -> dict:
     """Bare `model_name` (2 classes; fastft.models' build) img/s: a train step and a forward,
-    random data, no loader."""
+    random data, no loader; on `threads` torch threads (see --ceiling-threads)."""
     import torch
 
     from fastft.models import get_spec
     from fastft.runtime import pick_amp
+    if threads:
+        from fastft.threads import decide
+        torch.set_num_threads(decide().threads if threads < 0 else threads)
     dtype = pick_amp(amp, torch.device("cpu"))
     model = get_spec(model_name).build(2, size).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, size, size).to(memory_format=torch.channels_last)
@@ -168,7 +175,7 @@ def ceiling_rates(batch: int, size: int, amp: str, steps: int, model_name: str =
     return {"amp": str(dtype).replace("torch.", "") if dtype else "fp32",
             "step_img_s": batch / step_s, "forward_img_s": batch / forward_s,
             "step_img_cpu": batch / step_cpu, "forward_img_cpu": batch / forward_cpu,
-            "ceiling_threads": torch.get_num_threads()}  # torch's default here; the job picks its own
+            "ceiling_threads": torch.get_num_threads()}  # the job picks its own (its config.json)
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -261,7 +268,8 @@ def add_timm_run(args, run: dict, out: Path) -> None:
 def one_repeat(args, repeat: int, jobs: list[str], work: Path, train: int, test: int) -> dict:
     (import_s, import_cpu), (lean_s, _) = import_seconds(model=args.model), import_seconds(False, args.model)
     result = {"model": args.model, "import_s": import_s, "import_cpu_s": import_cpu, "import_no_teardown_s": lean_s,
-              **ceiling_rates(args.batch_size, args.image_size, args.amp, args.steps, args.model), "jobs": {}}
+              **ceiling_rates(args.batch_size, args.image_size, args.amp, args.steps, args.model,
+                              args.ceiling_threads), "jobs": {}}
     for strategy in jobs:
         run = run_job(args, strategy, work / f"{strategy}-{repeat}", args.extra.split())
         run["ideal_s"] = ideal_seconds(strategy, result, result["import_s"], train, test, args.epochs)

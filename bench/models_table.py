@@ -35,6 +35,7 @@ MODELS = ("resnet18", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "conv
           "timm:mobilenetv4_conv_small")
 JOBS = ("finetune", "frozen")
 QUICK = {"train": 16, "test": 8, "image_size": 64, "batch_size": 8, "steps": 2, "repeats": 1}
+CEILING_THREADS = {0: "torch's default", -1: "fastft's own choice of"}
 COLUMNS = ("model", "px", "finetune job s (efficiency)", "frozen job s (vs d2l)", "d2l frozen s",
            "timm train.py s (vs timm)")
 
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--steps", type=int, default=6, help="timed steps (and forwards) per ceiling")
+    p.add_argument("--ceiling-threads", type=int, default=0, help="job_ceiling's --ceiling-threads (default: 0, "
+                   "torch's default; -1 on a busy machine: fastft's own choice, as the job makes it)")
     p.add_argument("--timm", type=Path, metavar="TRAIN_PY", help="timm's train.py (see job_ceiling's doc)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
@@ -76,7 +79,8 @@ def job_argv(args, model: str, data: Path) -> list[str]:
     (the d2l-style finetune is the slowest run of all and the table does not show it)."""
     argv = ["--data", str(data), "--model", model, "--jobs", ",".join(JOBS), "--reference", "--reference-jobs",
             "frozen", "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--epochs",
-            str(args.epochs), "--amp", args.amp, "--repeats", str(args.repeats), "--steps", str(args.steps)]
+            str(args.epochs), "--amp", args.amp, "--repeats", str(args.repeats), "--steps", str(args.steps),
+            "--ceiling-threads", str(args.ceiling_threads)]
     return argv + (["--timm", str(args.timm)] if args.timm else [])
 
 
@@ -109,7 +113,8 @@ def model_row(model: str, repeats: list[dict]) -> dict:
             "frozen_efficiency": med("frozen", "efficiency"), "reference_frozen_s": med("frozen", "reference_wall_s"),
             "vs_d2l": med("frozen", "vs_d2l"), "vs_d2l_cpu": med("frozen", "vs_d2l_cpu"),
             "timm_s": med("finetune", "timm_wall_s"), "vs_timm": med("finetune", "vs_timm"),
-            "timm_model": fine.get("timm_model"), "timm_note": fine.get("timm_note")}
+            "timm_model": fine.get("timm_model"), "timm_note": fine.get("timm_note"),
+            "ceiling_threads": [r.get("ceiling_threads") for r in repeats]}
 
 
 def _s(value: float | None, ratio: float | None = None, suffix: str = "") -> str:
@@ -139,7 +144,8 @@ def markdown(result: dict) -> str:
              f"{m['usable_cores']} usable cores, torch {m['torch']}; loadavg {h['loadavg_start']} at the start, "
              f"{h.get('loadavg_end', '?')} at the end",
              f"- job: {h['data']}, batch {h['batch_size']}, {h['epochs']} epochs, amp {h['amp']}, {h['repeats']} "
-             "repeat(s) (medians); each model at its own input size (px) unless the command says otherwise",
+             f"repeat(s) (medians); each model at its own input size (px) unless the command says otherwise; "
+             f"the ceiling on {CEILING_THREADS.get(h['ceiling_threads'], str(h['ceiling_threads']))} thread(s)",
              "- efficiency: the ideal job (import + the model's bare step/forward rates) over the job's wall time; "
              "vs d2l / vs timm: their wall time over fastft's (> 1: fastft faster)", ""]
     body = [list(COLUMNS)] + [table_cells(row, h["timm"] is not None) for row in result["rows"]]
@@ -155,7 +161,8 @@ def header(args, data: Path, argv) -> dict:
     return {"command": command.strip(), "machine": machine(), "loadavg_start": loadavg(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "data": source, "batch_size": args.batch_size, "epochs": args.epochs, "amp": args.amp,
-            "repeats": args.repeats, "quick": args.quick, "timm": str(args.timm) if args.timm else None}
+            "repeats": args.repeats, "quick": args.quick, "timm": str(args.timm) if args.timm else None,
+            "ceiling_threads": args.ceiling_threads}
 
 
 def synth_data(folder: Path, train: int, test: int) -> Path:

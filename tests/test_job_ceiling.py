@@ -54,6 +54,19 @@ def test_model_option_runs_the_job_its_reference_and_its_own_ceiling(jc, tmp_pat
     assert "ceiling step (mobilenet_v3_large, fp32" in capsys.readouterr().out
 
 
+def test_ceiling_threads_sets_the_ceilings_torch_threads(jc, monkeypatch):
+    import torch
+
+    import fastft.threads
+    before = torch.get_num_threads()
+    monkeypatch.setattr(fastft.threads, "decide", lambda: fastft.threads.ThreadChoice(1, "busy neighbour"))
+    try:
+        assert jc.ceiling_rates(2, 32, "off", 1, "resnet18", threads=-1)["ceiling_threads"] == 1
+        assert jc.ceiling_rates(2, 32, "off", 1, "resnet18", threads=0)["ceiling_threads"] == 1  # left as it is
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_model_defaults_to_its_own_input_size_and_reference_jobs_narrow_the_reference(jc):
     args = jc.parse_args(["--data", "d", "--model", "timm:mobilenetv4_conv_small", "--reference-jobs", "frozen"])
     assert (args.model, args.image_size, args.reference_jobs) == ("timm:mobilenetv4_conv_small", 224, "frozen")

@@ -28,13 +28,15 @@ def test_row_is_the_median_of_the_repeats(mt):
     row = mt.model_row("resnet50", [fake_repeat("resnet50", w) for w in (10.0, 30.0, 20.0)])
     assert (row["finetune_s"], row["frozen_s"], row["reference_frozen_s"], row["timm_s"]) == (20.0, 10.0, 20.0, 60.0)
     assert (row["finetune_efficiency"], row["vs_d2l"], row["vs_timm"]) == (0.5, 2.0, 3.0)
+    assert row["ceiling_threads"] == [None, None, None]  # fake repeats carry none
     assert row["timm_model"] == "t_resnet50" and row["timm_note"] is None
 
 
 def test_quick_sets_the_smoke_sizes_and_the_job_asks_the_reference_for_frozen_only(mt, tmp_path):
     args = mt.parse_args(["--quick", "--timm", "train.py"])
     assert (args.train, args.test, args.image_size, args.batch_size, args.repeats) == (16, 8, 64, 8, 1)
-    argv = mt.job_argv(mt.parse_args(["--models", "vit_b_16"]), "vit_b_16", tmp_path)
+    argv = mt.job_argv(mt.parse_args(["--models", "vit_b_16", "--ceiling-threads", "-1"]), "vit_b_16", tmp_path)
+    assert argv[argv.index("--ceiling-threads") + 1] == "-1"
     assert argv[argv.index("--reference-jobs") + 1] == "frozen" and argv[argv.index("--image-size") + 1] == "0"
     assert "--timm" not in argv and mt.parse_args([]).models.split(",") == list(mt.MODELS)
     assert mt.job_argv(args, "resnet18", tmp_path)[-2:] == ["--timm", "train.py"]
@@ -70,6 +72,7 @@ def test_main_runs_every_model_and_writes_the_table_and_json(mt, bench_script, m
     lines = text.splitlines()
     assert lines[0].startswith("# fastft's whole job per model (20") and "UTC)" in lines[0]
     assert f"`python bench/models_table.py {' '.join(argv)}`" in text and "flags " in text and "loadavg" in text
+    assert "the ceiling on torch's default thread(s)" in text
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| ")][2:]
     assert rows[0] == ["resnet18", "224", "10.0 (0.50)", "5.0 (2.00x)", "10.0", "30.0 (3.00x) as t_resnet18"]
     assert rows[1][5] == "n/a: timm has no equivalent of alexnet"
