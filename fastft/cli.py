@@ -179,7 +179,7 @@ def add_eval_parser(sub) -> None:
 def add_bench_parser(sub) -> None:
     from fastft.bench import STRATEGIES, BenchSpec  # no torch import: --help stays fast
     d = BenchSpec()
-    p = sub.add_parser("bench", help="examples/sec per strategy, fastft against the d2l-style reference")
+    p = sub.add_parser("bench", help="examples/sec per model and strategy, fastft against the d2l-style reference")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: %(default)s)")
     which = p.add_mutually_exclusive_group()  # one dest: BenchSpec.models, a tuple of names
     which.add_argument("--model", dest="models", type=lambda name: (name,), default=d.models, metavar="NAME",
