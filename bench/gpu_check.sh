@@ -77,6 +77,10 @@ DRY=0 PLAN_ONLY=0
 # Every stage but the job_* ones shares one Inductor cache ($WORK/inductor), so step, step_torch and
 # rest reuse e2e's graphs (same shapes, dtype and layout): their compile is warm, and so is what
 # their compile columns say (hotdog and scratch share finetune's graph).
+# Not in the plan: ResNet-50 end to end (`fastft bench --model resnet50`, finetune and frozen), ~140 s
+# (S 7 + 2 x R 10 + finetune D 3 + C 60 + 15 + T 3 + frozen D 3 + C 30 + T 1): as a goal stage it would
+# take the goal total from 322 to ~460 s (the test allows 337), and after the rest it would start past
+# the deadline (every stage already plans 462 s of the 450). bench/models_table.py covers it on a CPU.
 # name       limit expected goal  estimate (H200 s)
 PLAN_ROWS=(
   "data          30    8  1  CPU measured: 2,800 JPEGs written in 5.5 s by one process"

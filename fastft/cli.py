@@ -179,12 +179,19 @@ def add_eval_parser(sub) -> None:
 def add_bench_parser(sub) -> None:
     from fastft.bench import STRATEGIES, BenchSpec  # no torch import: --help stays fast
     d = BenchSpec()
-    p = sub.add_parser("bench", help="examples/sec per strategy, fastft against the d2l-style reference")
+    p = sub.add_parser("bench", help="examples/sec per model and strategy, fastft against the d2l-style reference")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: %(default)s)")
+    which = p.add_mutually_exclusive_group()  # one dest: BenchSpec.models, a tuple of names
+    which.add_argument("--model", dest="models", type=lambda name: (name,), default=d.models, metavar="NAME",
+                       help="the backbone (`fastft models` lists them; timm's as timm:NAME; default: resnet18)")
+    which.add_argument("--models", dest="models", type=lambda names: tuple(n for n in names.split(",") if n),
+                       default=d.models, metavar="A,B,C", help="several backbones: one table row per model x "
+                       "strategy, each model against its own reference")
     p.add_argument("--data", default=d.data, help="synthetic or an ImageFolder DIR (default: %(default)s)")
     add_synth_sizes(p, d.train_images, d.test_images, "train_images", "test_images",
                     ("--train-images", "--test-images"))
-    p.add_argument("--image-size", type=int, default=d.image_size, help="px (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="px, every model; 0 = each model's own (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="the first is warm-up (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="runs per variant; median and spread (default: 1)")

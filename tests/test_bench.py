@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from fastft import bench, cli
+from fastft import bench, bench_table, cli
 from fastft.bench import BenchSpec, bench_main, format_table, run_bench, spread
 from fastft.errors import ConfigError
 
@@ -38,6 +38,7 @@ def test_both_variants_ran_for_every_strategy_with_their_own_settings(tiny_bench
         for run in (ref, fast):
             assert run["examples_per_sec"] > 0 and run["examples_per_sec_compute"] > 0
             assert run["timed"] == "one epoch, first step excluded"
+            assert (run["model"], run["arch"]) == ("resnet18", "ResNet")
         e2e = row["fastft"]["examples_per_sec"]["median"] / row["reference"]["examples_per_sec"]["median"]
         assert row["speedup_e2e"] == pytest.approx(e2e)
         assert row["speedup_compute"] > 0
@@ -59,11 +60,12 @@ def test_table_has_a_row_per_strategy_under_a_header_naming_the_setup(tiny_bench
     text = format_table(result)
     assert "cpu" in text and "32 px, batch 4" in text and "1 repeat(s)" in text and "random" in text
     lines = [line for line in text.splitlines() if line.startswith("| ")]
-    assert lines[0].split("|")[1].strip() == "strategy" and "speedup e2e" in lines[0]
-    assert [line.split("|")[1].strip() for line in lines[2:]] == ["frozen", "hotdog"]
+    assert [c.strip() for c in lines[0].split("|")[1:3]] == ["model", "strategy"] and "speedup e2e" in lines[0]
+    assert [line.split("|")[2].strip() for line in lines[2:]] == ["frozen", "hotdog"]
     for line in lines[2:]:
         cells = [c.strip() for c in line.split("|")[1:-1]]
-        assert len(cells) == len(bench.COLUMNS) and cells[3].endswith("x") and float(cells[1]) > 0
+        assert len(cells) == len(bench.COLUMNS) and cells[0] == "resnet18"
+        assert cells[4].endswith("x") and float(cells[2]) > 0
 
 
 def test_plot_writes_a_png(tiny_bench, tmp_path):
@@ -84,27 +86,27 @@ def test_plot_without_matplotlib_fails_in_one_line_before_any_run(monkeypatch, t
 def test_spread_is_median_min_max_and_skips_missing_values():
     assert spread([3.0, 1.0, 2.0, None]) == {"median": 2.0, "min": 1.0, "max": 3.0}
     assert spread([None]) is None
-    assert bench._cell({"median": 2.0, "min": 1.0, "max": 3.0}) == "2.0 (1.0-3.0)"
-    assert bench._cell({"median": 2.0, "min": 2.0, "max": 2.0}) == "2.0"
+    assert bench_table._cell({"median": 2.0, "min": 1.0, "max": 3.0}) == "2.0 (1.0-3.0)"
+    assert bench_table._cell({"median": 2.0, "min": 2.0, "max": 2.0}) == "2.0"
 
 
 def test_recompiles_cell_says_how_many_frames_ran_eager():
     def stat(value: float) -> dict:
         return {"median": value, "min": value, "max": value}
-    assert bench._recompiles_cell({"recompiles": stat(2), "eager_fallbacks": stat(2)}) == "2 (2 ran eager)"
-    assert bench._recompiles_cell({"recompiles": stat(1), "eager_fallbacks": stat(0)}) == "1"
-    assert bench._recompiles_cell({"recompiles": stat(0), "eager_fallbacks": None}) == "0"  # an older JSON
+    assert bench_table._recompiles_cell({"recompiles": stat(2), "eager_fallbacks": stat(2)}) == "2 (2 ran eager)"
+    assert bench_table._recompiles_cell({"recompiles": stat(1), "eager_fallbacks": stat(0)}) == "1"
+    assert bench_table._recompiles_cell({"recompiles": stat(0), "eager_fallbacks": None}) == "0"  # an older JSON
 
 
 def fake_row(strategy: str) -> dict:
     stat = {"median": 2.0, "min": 2.0, "max": 2.0}
     variant = {"runs": [], **{k: stat for k in bench.METRICS}}
-    return {"strategy": strategy, "fastft": variant, "reference": variant, "speedup_e2e": 1.0,
+    return {"model": "resnet18", "strategy": strategy, "fastft": variant, "reference": variant, "speedup_e2e": 1.0,
             "speedup_compute": 1.0}
 
 
 def test_a_failing_strategy_is_reported_and_the_others_still_run(monkeypatch, tmp_path, capsys):
-    def measure(spec, strategy, *args):
+    def measure(spec, model, strategy, *args):
         if strategy == "frozen":
             raise RuntimeError("inductor failed\nlong trace")
         return fake_row(strategy)
@@ -113,7 +115,7 @@ def test_a_failing_strategy_is_reported_and_the_others_still_run(monkeypatch, tm
     partial = []
     result = run_bench(BenchSpec(strategies=("frozen", "scratch")), on_row=lambda r: partial.append(len(r["rows"])))
     assert partial == [1, 2] and result["complete"]
-    assert result["rows"][0] == {"strategy": "frozen", "error": "RuntimeError: inductor failed"}
+    assert result["rows"][0] == {"model": "resnet18", "strategy": "frozen", "error": "RuntimeError: inductor failed"}
     assert "failed: RuntimeError: inductor failed" in format_table(result)
     assert bench_main(BenchSpec(strategies=("frozen", "scratch"))) == 1
     assert "| scratch" in capsys.readouterr().out
@@ -121,7 +123,7 @@ def test_a_failing_strategy_is_reported_and_the_others_still_run(monkeypatch, tm
 
 def test_a_user_error_stops_the_bench_at_once(monkeypatch, tmp_path):
     calls = []
-    def measure(spec, strategy, *args):
+    def measure(spec, model, strategy, *args):
         calls.append(strategy)
         raise ConfigError("--loader dali is not available")
     monkeypatch.setattr(bench, "prepare_data", lambda spec: tmp_path)
@@ -159,13 +161,13 @@ def test_rounds_interleave_the_variants_and_speedups_are_medians_of_per_round_ra
                 "cpu_s": 100.0 / rate, "threads": cfg.threads}
     monkeypatch.setattr(bench, "run_once", run_once)
     spec = BenchSpec(repeats=3, threads=1, reference_threads=2)
-    row = bench.measure_row(spec, "frozen", tmp_path, tmp_path / "w.pth", tmp_path)
+    row = bench.measure_row(spec, "resnet18", "frozen", tmp_path, tmp_path / "w.pth", tmp_path)
     assert [(v, r) for v, r, _ in calls] == [("reference", 0), ("fastft", 0), ("fastft", 1), ("reference", 1),
                                             ("reference", 2), ("fastft", 2)]
     assert {(v, t) for v, _, t in calls} == {("reference", 2), ("fastft", 1)}
     for label in ("speedup_e2e", "speedup_compute", "speedup_cpu"):
         assert row[f"{label}_rounds"] == pytest.approx([3.0, 2.0, 2.0]) and row[label] == pytest.approx(2.0)
-    assert bench._ratio(row, "speedup_e2e") == "2.00x (2.00-3.00)" and bench._threads_cell(row) == "1/2"
+    assert bench_table._ratio(row, "speedup_e2e") == "2.00x (2.00-3.00)" and bench_table._threads_cell(row) == "1/2"
 
 
 def test_the_reference_keeps_the_thread_count_the_process_started_with(monkeypatch, tmp_path):

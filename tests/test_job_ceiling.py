@@ -1,7 +1,9 @@
-"""bench/job_ceiling.py's arithmetic and its process timer (no job runs here)."""
+"""bench/job_ceiling.py's arithmetic, its process timer, --model and its timm equivalents; one tiny
+job runs end to end (marked slow: four processes)."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -30,3 +32,82 @@ def test_timed_process_counts_the_child_cpu_and_not_a_sleep(jc):
     idle, idle_cpu = jc.timed_process([sys.executable, "-c", "import time; time.sleep(0.5)"])
     assert idle >= 0.5 and idle_cpu < idle - 0.3   # a sleeping child costs wall time, little CPU
     assert busy >= 0.3 and busy_cpu >= 0.3          # a busy one costs both
+
+
+@pytest.mark.slow
+def test_model_option_runs_the_job_its_reference_and_its_own_ceiling(jc, tmp_path, capsys):
+    """The test mode: a tiny job end to end (2 processes of `fastft train`, 2 imports) with --model."""
+    from fastft import cli
+    data = tmp_path / "data"
+    assert cli.main(["data", "synth", str(data), "--train", "8", "--test", "4"]) == 0
+    out = tmp_path / "job.json"
+    assert jc.main(["--data", str(data), "--model", "mobilenet_v3_large", "--jobs", "frozen", "--reference",
+                    "--repeats", "1", "--image-size", "32", "--batch-size", "4", "--epochs", "1", "--steps", "1",
+                    "--amp", "off", "--json", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    (repeat,) = saved["repeats"]
+    assert saved["model"] == repeat["model"] == "mobilenet_v3_large" and saved["image_size"] == 32
+    job = repeat["jobs"]["frozen"]
+    assert "--model mobilenet_v3_large" in job["cmd"] and job["efficiency"] > 0 and job["vs_d2l"] > 0
+    forward = repeat["forward_img_s"]  # frozen: 8 train images once (1 epoch), the 4 test images once
+    assert job["ideal_s"] == pytest.approx(repeat["import_s"] + 8 / forward + 4 / forward)
+    assert "ceiling step (mobilenet_v3_large, fp32" in capsys.readouterr().out
+
+
+def test_ceiling_threads_sets_the_ceilings_torch_threads(jc, monkeypatch):
+    import torch
+
+    import fastft.threads
+    before = torch.get_num_threads()
+    monkeypatch.setattr(fastft.threads, "decide", lambda: fastft.threads.ThreadChoice(1, "busy neighbour"))
+    try:
+        assert jc.ceiling_rates(2, 32, "off", 1, "resnet18", threads=-1)["ceiling_threads"] == 1
+        assert jc.ceiling_rates(2, 32, "off", 1, "resnet18", threads=0)["ceiling_threads"] == 1  # left as it is
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_model_defaults_to_its_own_input_size_and_reference_jobs_narrow_the_reference(jc):
+    args = jc.parse_args(["--data", "d", "--model", "timm:mobilenetv4_conv_small", "--reference-jobs", "frozen"])
+    assert (args.model, args.image_size, args.reference_jobs) == ("timm:mobilenetv4_conv_small", 224, "frozen")
+    assert jc.parse_args(["--data", "d"]).image_size == 224 and jc.parse_args(["--data", "d"]).model == "resnet18"
+
+
+def test_timm_runs_the_timm_equivalent_or_says_why_not(jc, monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(jc, "timed_process", lambda cmd, **kw: seen.append(cmd) or (20.0, 30.0))
+    for model, timm_name in (("mobilenet_v3_large", "mobilenetv3_large_100"),
+                             ("timm:efficientvit_b0", "efficientvit_b0")):
+        args = jc.parse_args(["--data", "d", "--model", model, "--timm", "train.py", "--image-size", "64"])
+        run = {"wall_s": 10.0, "cpu_s": 10.0}
+        jc.add_timm_run(args, run, tmp_path)
+        assert seen[-1][seen[-1].index("--model") + 1] == timm_name and run["timm_model"] == timm_name
+        assert (run["vs_timm"], run["vs_timm_cpu"]) == (2.0, 3.0) and "timm_note" not in run
+    run = {"wall_s": 10.0, "cpu_s": 10.0}
+    jc.add_timm_run(jc.parse_args(["--data", "d", "--model", "alexnet", "--timm", "t.py"]), run, tmp_path)
+    assert len(seen) == 2 and run == {"wall_s": 10.0, "cpu_s": 10.0,
+                                      "timm_note": "n/a: timm has no equivalent of alexnet "
+                                                   "(bench/job_ceiling.py TIMM_RENAMED)"}
+
+
+def test_timm_equivalents_name_real_models_on_both_sides(jc):
+    timm = pytest.importorskip("timm", reason="timm is optional (pip install 'fastft[timm]')")
+    from fastft.models.registry import torchvision_classifiers
+    assert set(jc.TIMM_RENAMED) <= set(torchvision_classifiers())
+    assert [name for name in jc.TIMM_RENAMED.values() if not timm.is_model(name)] == []
+    assert jc.TIMM_RENAMED["regnet_y_1_6gf"] == "regnety_016"
+    assert [jc.timm_model_name(n) for n in ("resnet50", "convnext_tiny", "timm:efficientvit_b0", "googlenet")] == [
+        "resnet50", "convnext_tiny", "efficientvit_b0", None]
+
+
+def test_timm_gets_a_fixed_size_models_size_and_a_failed_train_py_is_a_note(jc, monkeypatch, tmp_path):
+    pytest.importorskip("timm", reason="timm is optional (pip install 'fastft[timm]')")
+    assert jc.timm_size_kwargs("vit_b_16", 64) == ["--model-kwargs", "img_size=64"]
+    assert jc.timm_size_kwargs("vit_b_16", 224) == [] and jc.timm_size_kwargs("resnet18", 64) == []
+
+    def fail(cmd, **kw):
+        raise jc.subprocess.CalledProcessError(2, cmd)
+    monkeypatch.setattr(jc, "timed_process", fail)
+    run = {"wall_s": 10.0, "cpu_s": 10.0}
+    jc.add_timm_run(jc.parse_args(["--data", "d", "--model", "vit_b_16", "--timm", "t.py"]), run, tmp_path)
+    assert run["timm_note"] == "failed: timm's train.py exited 2 (its stderr is not kept)" and "vs_timm" not in run
