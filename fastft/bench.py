@@ -255,8 +255,7 @@ def guarded_row(spec: BenchSpec, model: str, strategy: str, data_dir: Path, imag
     """measure_row, with a failure other than the user's (a compile error) turned into a row that
     says so, so it does not hide the other rows. A FastftError (a setting the user can fix)
     fails every row alike: it stops the bench at once. A WeightsError is about the weights file
-    the bench made itself for hotdog (fastft.model.read_weights reads ResNet-18 files only so
-    far), so it is one row's failure."""
+    the bench made itself for hotdog, so it is one row's failure."""
     try:
         return measure_row(spec, model, strategy, data_dir, imagenet_like, work)
     except WeightsError as exc:
