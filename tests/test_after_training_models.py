@@ -1,0 +1,195 @@
+"""After training, for every family: model.safetensors, the exports, predict and eval use the
+run's --model and that model's preprocessing, never ResNet-18's or ImageNet's constants.
+
+One run per model (1 epoch, 16 + 8 synthetic images at 32 px, random start), trained and
+exported once (ONNX and pt2, each through its parity check) in a module-scoped fixture:
+    efficientnet_b0  torchvision, BatchNorm, bicubic resize 256/224
+    convnext_tiny    torchvision, LayerNorm, resize 236/224
+    vit_b_16         torchvision, built for 32 px (image_size=32: 2 x 2 patches)
+    timm:test_vit    timm, mean and std 0.5, bicubic, fixed input size (img_size=32)
+Each answer is compared with an independent reference: the plain library model, loaded
+strictly from model.safetensors and fed by torchvision transforms written out here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import torchvision.transforms as T
+
+from fastft import engine, evaluation
+from fastft.config import TrainConfig
+from fastft.data.images import load_rgb
+from fastft.data.synth import write_synthetic
+from fastft.export import TOLERANCE, export_run
+from fastft.models import get_spec
+from fastft.models.base import DEFAULT_PREPROCESSING, IMAGENET_MEAN, IMAGENET_STD
+from fastft.predict import predict_top_k, trained_model
+from fastft.weights import MODEL_FILE, read_model_file
+
+pytest.importorskip("safetensors", reason="pip install safetensors")
+MODELS = ["efficientnet_b0", "convnext_tiny", "vit_b_16", "timm:test_vit"]
+SIZE = 32  # px
+CLASSES = ["hotdog", "not-hotdog"]
+# Each model's eval transform at 32 px, written out from its library's numbers (torchvision's
+# Weights.transforms(), timm's pretrained_cfg: resize = round(32 x resize / crop)).
+EXPECTED = {
+    "efficientnet_b0": {"resize": 37, "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "convnext_tiny": {"resize": 34, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "vit_b_16": {"resize": 37, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    "timm:test_vit": {"resize": 34, "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3},
+}
+PROB_TOLERANCE = 1e-5  # softmax probabilities of fp32 logits: batched vs single-image order only
+
+
+@dataclass
+class Run:
+    name: str
+    folder: Path
+    data: Path
+    images: list[Path]   # the test split, sorted
+    sidecars: dict       # format -> the export's sidecar
+
+
+def plain_model(name: str) -> torch.nn.Module:
+    """The model as a script without fastft builds it, for 2 classes at 32 px."""
+    if name.startswith("timm:"):
+        import timm
+        return timm.create_model(name[len("timm:"):], num_classes=2, img_size=SIZE)
+    extra = {"image_size": SIZE} if name.startswith("vit_") else {}
+    return torchvision.models.get_model(name, num_classes=2, **extra)
+
+
+def reference_input(name: str, path: Path) -> torch.Tensor:
+    """(1, 3, 32, 32): EXPECTED[name]'s transform on one image, with torchvision's transforms."""
+    e = EXPECTED[name]
+    mode = T.InterpolationMode(e["interpolation"])
+    steps = T.Compose([T.Resize([e["resize"]] * 2, interpolation=mode), T.CenterCrop(SIZE), T.ToTensor(),
+                       T.Normalize(e["mean"], e["std"])])
+    return steps(load_rgb(path)).unsqueeze(0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("data") / "synth", n_train=16, n_test=8, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def run(request, data, tmp_path_factory) -> Run:
+    """One trained run of the model, exported to ONNX (where its packages are) and pt2; each
+    export_run raises ExportError unless its file gives the run's logits within TOLERANCE."""
+    name = request.param
+    if name.startswith("timm:"):
+        pytest.importorskip("timm", reason="pip install timm")
+    folder = tmp_path_factory.mktemp(name.replace(":", "_")) / "run"
+    cfg = TrainConfig(model=name, data=str(data), weights="none", epochs=1, batch_size=8, image_size=SIZE,
+                      workers=0, device="cpu", amp="off", compile=False, loader="torch", out=str(folder))
+    with pytest.MonkeyPatch.context() as patch:  # the function-scoped cache isolation is not up yet
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg")))
+        engine.train(cfg)
+    sidecars = {}
+    for fmt in ("onnx", "pt2") if _onnx_ready() else ("pt2",):
+        exported = export_run(folder, fmt)
+        sidecars[fmt] = json.loads(exported.sidecar.read_text())
+    return Run(name, folder, data, sorted((data / "test").glob("*/*.jpg")), sidecars)
+
+
+def _onnx_ready() -> bool:
+    try:
+        import onnx, onnxruntime, onnxscript  # noqa: E401, F401
+    except ImportError:
+        return False
+    return True
+
+
+def expected_preprocessing(name: str) -> dict:
+    e = EXPECTED[name]
+    return {"image_size": SIZE, "resize": e["resize"], "mean": list(e["mean"]), "std": list(e["std"]),
+            "interpolation": e["interpolation"]}
+
+
+def test_every_record_names_the_model_and_its_preprocessing(run):
+    want = expected_preprocessing(run.name)
+    assert get_spec(run.name).preprocessing().at_size(SIZE).to_dict() == want  # EXPECTED is the library's
+    config = json.loads((run.folder / "config.json").read_text())
+    summary = json.loads((run.folder / "summary.json").read_text())
+    assert (config["model"], config["resolved"]["model"], summary["model"]) == (run.name,) * 3
+    assert config["resolved"]["preprocessing"] == summary["preprocessing"] == want
+    _, state = trained_model(run.folder)
+    assert state["config"]["model"] == run.name
+    card = read_model_file(run.folder / MODEL_FILE)[1]
+    assert card["arch"] == run.name and {k: card[k] for k in want} == want
+    for fmt, sidecar in run.sidecars.items():
+        assert (sidecar["model"], sidecar["arch"], sidecar["preprocessing"]) == (run.name, run.name, want)
+
+
+def test_model_safetensors_loads_strictly_into_the_plain_library_model(run):
+    tensors = read_model_file(run.folder / MODEL_FILE)[0]
+    plain = plain_model(run.name)
+    assert set(tensors) == set(plain.state_dict())
+    plain.load_state_dict(tensors, strict=True)
+    ours, state = trained_model(run.folder)
+    assert all(torch.equal(tensors[k], v) for k, v in state["model"].items())
+    x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), ours(x))
+
+
+def test_exports_pass_their_parity_checks(run):
+    if "onnx" not in run.sidecars:
+        pytest.skip("ONNX needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime")
+    for fmt, sidecar in run.sidecars.items():
+        checked = sidecar["checked"]
+        assert checked["inputs"] == f"8 test images of {run.data}" and checked["batch_sizes"] == [1, 8]
+        assert checked["max_abs_diff"] <= checked["bound"] and checked["bound"] >= TOLERANCE
+
+
+def test_predict_from_the_run_and_every_export_applies_the_models_preprocessing(run):
+    plain = plain_model(run.name)
+    plain.load_state_dict(read_model_file(run.folder / MODEL_FILE)[0])
+    plain.eval()
+    with torch.no_grad():
+        want = [torch.softmax(plain(reference_input(run.name, p)), dim=1)[0] for p in run.images]
+    sources = {"run": {"checkpoint": run.folder}, MODEL_FILE: {"model": run.folder / MODEL_FILE}}
+    sources.update({fmt: {"model": run.folder / f"model.{fmt}"} for fmt in run.sidecars})
+    for label, source in sources.items():
+        got = list(predict_top_k(run.images, 2, **source))
+        assert [path for path, _ in got] == run.images, label
+        for (_, ranked), probs in zip(got, want):
+            p = dict(ranked)
+            assert max(abs(p[c] - float(probs[i])) for i, c in enumerate(CLASSES)) <= PROB_TOLERANCE, label
+    # ImageNet's numbers with bilinear 37 px would be another input for all but the ResNet-like case.
+    if run.name != "vit_b_16":
+        default = DEFAULT_PREPROCESSING.at_size(SIZE)
+        e = EXPECTED[run.name]
+        assert (e["resize"], e["interpolation"], tuple(e["mean"])) != (default.resize, default.interpolation,
+                                                                        tuple(default.mean))
+
+
+def test_eval_from_the_run_and_its_model_file_agrees_with_predict(run, tmp_path):
+    predicted = {path: dict(ranked) for path, ranked in predict_top_k(run.images, 2, checkpoint=run.folder)}
+    for source in (run.folder, run.folder / MODEL_FILE):
+        ev = evaluation.evaluate(evaluation.EvalOptions(source, data=str(run.data), progress=False))
+        assert ev.meta["model"] == run.name and ev.meta["preprocessing"] == expected_preprocessing(run.name)
+        assert sorted(ev.paths) == run.images and ev.classes == CLASSES
+        for path, probs in zip(ev.paths, ev.probs):
+            assert max(abs(predicted[path][c] - float(probs[i])) for i, c in enumerate(CLASSES)) <= PROB_TOLERANCE
+
+
+def test_resume_takes_the_model_from_the_checkpoint(run, tmp_path):
+    if run.name != "efficientnet_b0":
+        pytest.skip("one model is enough: resume reads the name, whatever it is")
+    folder = tmp_path / "run"
+    shutil.copytree(run.folder, folder)
+    cfg = TrainConfig(data=str(run.data), epochs=2, resume=True, workers=0, device="cpu", amp="off",
+                      compile=False, loader="torch", out=str(folder))  # no --model: resnet18 by default
+    summary = engine.train(cfg, typed=frozenset({"data", "epochs", "resume", "workers", "device", "amp",
+                                                 "compile", "loader", "out"}))
+    assert (summary["model"], summary["epochs"]) == (run.name, 2)
+    assert read_model_file(folder / MODEL_FILE)[1]["arch"] == run.name
