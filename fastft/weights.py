@@ -28,7 +28,7 @@ import torch
 
 from fastft import __version__
 from fastft.errors import CheckpointError, WeightsError
-from fastft.models.base import DEFAULT_PREPROCESSING, Preprocessing
+from fastft.models.base import DEFAULT_PREPROCESSING, INTERPOLATIONS, Preprocessing
 from fastft.safe_write import write_bytes_atomic
 
 MODEL_FILE = "model.safetensors"
@@ -93,6 +93,8 @@ def card_model(where: Path, card: dict) -> tuple[str, Preprocessing]:
         prep = Preprocessing.from_dict(nested or card)
         if len(prep.mean) != 3 or len(prep.std) != 3 or prep.image_size < 1 or prep.resize < prep.image_size:
             raise ValueError("mean and std of 3 channels, 1 <= image_size <= resize")
+        if prep.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {prep.interpolation!r}, not one of {', '.join(INTERPOLATIONS)}")
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: records no usable preprocessing ({type(exc).__name__}: {exc})") from exc
     # A sidecar holds both forms; one edited without the other describes no single transform.

@@ -193,3 +193,33 @@ def test_resume_takes_the_model_from_the_checkpoint(run, tmp_path):
                                                  "compile", "loader", "out"}))
     assert (summary["model"], summary["epochs"]) == (run.name, 2)
     assert read_model_file(folder / MODEL_FILE)[1]["arch"] == run.name
+
+
+def test_a_run_from_before_model_predicts_as_resnet18_with_imagenet_numbers(data, tmp_path):
+    """A checkpoint whose config has no `model`, and a model.safetensors whose card has no
+    interpolation (both as fastft wrote them before --model): ResNet-18, Resize([37, 37])
+    bilinear, CenterCrop(32), ImageNet's mean and std."""
+    from test_export import make_run
+    from fastft.errors import CheckpointError
+    from fastft.weights import write_model_file
+    run = make_run(tmp_path / "old", data)
+    state = torch.load(run / "checkpoint.pt")
+    assert "model" not in state["config"]
+    plain = torchvision.models.resnet18(num_classes=2)
+    plain.load_state_dict(state["model"])
+    steps = T.Compose([T.Resize([37, 37]), T.CenterCrop(SIZE), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    images = sorted((data / "test").glob("*/*.jpg"))
+    with torch.no_grad():
+        want = [torch.softmax(plain.eval()(steps(load_rgb(p)).unsqueeze(0)), dim=1)[0] for p in images]
+    old_card = {"arch": "resnet18", "num_classes": 2, "classes": CLASSES, "image_size": SIZE, "resize": 37,
+                "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "epoch": 3}
+    write_model_file(run / MODEL_FILE, state["model"], old_card)
+    for source in ({"checkpoint": run}, {"model": run / MODEL_FILE}):
+        for (_, ranked), probs in zip(predict_top_k(images, 2, **source), want):
+            assert max(abs(dict(ranked)[c] - float(probs[i])) for i, c in enumerate(CLASSES)) <= PROB_TOLERANCE
+    # A card whose numbers describe no transform is one line, before any image is read.
+    write_model_file(run / MODEL_FILE, state["model"], {**old_card, "interpolation": "lanczos"})
+    with pytest.raises(CheckpointError) as caught:
+        list(predict_top_k(images, 1, model=run / MODEL_FILE))
+    assert str(caught.value) == (f"{run / MODEL_FILE}: records no usable preprocessing (ValueError: interpolation "
+                                 f"'lanczos', not one of bilinear, bicubic, nearest)")

@@ -235,6 +235,10 @@ def test_a_sidecar_that_does_not_fit_the_model_is_one_line(exported, fmt, tiny_d
     card = json.loads((exported["run"] / f"model.{fmt}.json").read_text())
     sidecar, image = tmp_path / f"model.{fmt}.json", sorted((tiny_data / "test").glob("*/*.jpg"))[0]
     bigger = {"image_size": 64, "resize": 73}
+    sidecar.write_text(json.dumps({**card, **bigger}))  # the flat keys edited, not `preprocessing`
+    assert main(["predict", "--model", str(model), str(image)]) == 2
+    assert capsys.readouterr().err == (f"fastft: error: {sidecar}: its image_size, resize differ from its "
+                                       f"`preprocessing`\n")
     sidecar.write_text(json.dumps({**card, **bigger, "preprocessing": {**card["preprocessing"], **bigger}}))
     assert main(["predict", "--model", str(model), str(image)]) == 2  # checked before any image is run
     assert capsys.readouterr().err == (f"fastft: error: {sidecar}: image_size 64, but model.{fmt} takes inputs "
