@@ -45,7 +45,7 @@ EXPECTED = {
     "vit_b_16": {"resize": 37, "interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
     "timm:test_vit": {"resize": 34, "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3},
 }
-PROB_TOLERANCE = 1e-5  # softmax probabilities of fp32 logits: batched vs single-image order only
+PROB_TOLERANCE = 1e-5  # softmax probabilities through the same fp32 PyTorch code: batching order only
 
 
 @dataclass
@@ -110,10 +110,14 @@ def calibrated_start(name: str, data: Path) -> dict | None:
     random start with every BatchNorm's statistics measured on the train images, which the run
     takes as its "ImageNet" weights. At random init a deep BN network's eval-mode activations
     fade (efficientnet_b0's logits at 32 px: 1e-13, equal for every image), and a test comparing
-    answers on different inputs could then not fail. Measured on random N(0, 1) inputs instead,
-    the statistics do not fit the images: logits reach 200 and fp32 itself is then 0.45 off fp64,
-    beyond any export's tolerance."""
-    model = get_spec(name).build(len(CLASSES), SIZE)
+    answers on different inputs could then not fail. Each variance is floored at its layer's mean:
+    a channel nearly constant over 16 images (1 x 1 maps at 32 px) would otherwise be scaled by
+    up to 1/sqrt(eps) and the rounding of fp32 with it (measured at 32 px on these images:
+    logits 1200 and fp32 8e-5 of them off fp64, near the exports' 1e-4 tolerance; floored,
+    logits 1.9 and 1.4e-6)."""
+    with torch.random.fork_rng():  # the same start whatever ran before in the session
+        torch.manual_seed(0)
+        model = get_spec(name).build(len(CLASSES), SIZE)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return None
@@ -123,6 +127,8 @@ def calibrated_start(name: str, data: Path) -> dict | None:
     model.train()
     with torch.no_grad():
         model(torch.cat([reference_input(name, path) for path in sorted((data / "train").glob("*/*.jpg"))]))
+    for norm in norms:
+        norm.running_var.clamp_(min=float(norm.running_var.mean()))
     return model.state_dict()
 
 
@@ -189,9 +195,11 @@ def test_predict_from_the_run_and_every_export_applies_the_models_preprocessing(
     for label, source in sources.items():
         got = list(predict_top_k(run.images, 2, **source))
         assert [path for path, _ in got] == run.images, label
+        # The export's own runtime: within its parity check's bound (|softmax change| <= |logit change|).
+        bound = TOLERANCE if label == export else PROB_TOLERANCE
         for (_, ranked), probs in zip(got, want):
             p = dict(ranked)
-            assert max(abs(p[c] - float(probs[i])) for i, c in enumerate(CLASSES)) <= PROB_TOLERANCE, label
+            assert max(abs(p[c] - float(probs[i])) for i, c in enumerate(CLASSES)) <= bound, label
     # The comparison above can tell: ResNet-18's transform (bilinear 37 px, ImageNet's numbers)
     # gives other answers wherever the model's own differs from it (all here but vit_b_16's).
     default = DEFAULT_PREPROCESSING.at_size(SIZE)
@@ -200,7 +208,7 @@ def test_predict_from_the_run_and_every_export_applies_the_models_preprocessing(
                            T.Normalize(default.mean, default.std)])
         with torch.no_grad():
             other = [torch.softmax(plain(steps(load_rgb(p)).unsqueeze(0)), dim=1)[0] for p in run.images]
-        assert max(float((a - b).abs().max()) for a, b in zip(other, want)) > 100 * PROB_TOLERANCE
+        assert max(float((a - b).abs().max()) for a, b in zip(other, want)) > 10 * TOLERANCE
 
 
 def test_eval_from_the_run_and_its_model_file_agrees_with_predict(run, tmp_path):
