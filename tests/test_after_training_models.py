@@ -46,6 +46,9 @@ EXPECTED = {
     "timm:test_vit": {"resize": 34, "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3},
 }
 PROB_TOLERANCE = 1e-5  # softmax probabilities through the same fp32 PyTorch code: batching order only
+# An export's runtime: ONNX Runtime's logits were within 5.2e-6 of PyTorch's for these four models
+# (vit_b_16 the furthest), and a softmax moves no probability by more than the largest logit change.
+EXPORT_PROB_TOLERANCE = 2e-5
 
 
 @dataclass
@@ -195,20 +198,20 @@ def test_predict_from_the_run_and_every_export_applies_the_models_preprocessing(
     for label, source in sources.items():
         got = list(predict_top_k(run.images, 2, **source))
         assert [path for path, _ in got] == run.images, label
-        # The export's own runtime: within its parity check's bound (|softmax change| <= |logit change|).
-        bound = TOLERANCE if label == export else PROB_TOLERANCE
+        bound = EXPORT_PROB_TOLERANCE if label == export else PROB_TOLERANCE
         for (_, ranked), probs in zip(got, want):
             p = dict(ranked)
             assert max(abs(p[c] - float(probs[i])) for i, c in enumerate(CLASSES)) <= bound, label
-    # The comparison above can tell: ResNet-18's transform (bilinear 37 px, ImageNet's numbers)
-    # gives other answers wherever the model's own differs from it (all here but vit_b_16's).
+    # The comparisons above can tell: ResNet-18's transform (bilinear 37 px, ImageNet's numbers)
+    # gives other answers wherever the model's own differs from it (all here but vit_b_16's); the
+    # closest, efficientnet_b0's bicubic for bilinear, moved a probability by 2.7e-4.
     default = DEFAULT_PREPROCESSING.at_size(SIZE)
     if expected_preprocessing(run.name) != default.to_dict():
         steps = T.Compose([T.Resize([default.resize] * 2), T.CenterCrop(SIZE), T.ToTensor(),
                            T.Normalize(default.mean, default.std)])
         with torch.no_grad():
             other = [torch.softmax(plain(steps(load_rgb(p)).unsqueeze(0)), dim=1)[0] for p in run.images]
-        assert max(float((a - b).abs().max()) for a, b in zip(other, want)) > 10 * TOLERANCE
+        assert max(float((a - b).abs().max()) for a, b in zip(other, want)) > 3 * EXPORT_PROB_TOLERANCE
 
 
 def test_eval_from_the_run_and_its_model_file_agrees_with_predict(run, tmp_path):
