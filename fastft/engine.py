@@ -234,6 +234,7 @@ class Trainer:
                 "classes": list(self.data.classes), "cudnn_benchmark": self.cudnn_benchmark,
                 "threads": self.threads.threads, "threads_reason": self.threads.reason,
                 "lr_per_group": [group["lr"] for group in self.optimizer.param_groups],  # --tensorboard's lr
+                "model": self.spec.name, "preprocessing": self.preprocessing.to_dict(),  # what predict/eval apply
                 "fastft_version": __version__}
 
     # --- the hot loop ------------------------------------------------------------------
@@ -416,7 +417,8 @@ class Trainer:
         """model.safetensors after the last epoch. It is a copy of what the checkpoint holds, so a
         failed write (safetensors missing, a full disk) is a warning and the run still reports."""
         try:
-            note = save_run_weights(self.run_dir, self.model, self.data.classes, self.cfg.image_size, epochs_done)
+            note = save_run_weights(self.run_dir, self.model, self.data.classes, epochs_done, self.spec.name,
+                                    self.preprocessing)
         except WriteError as exc:
             note = (f"{exc.one_line()}; the checkpoint holds the same weights: `fastft export --checkpoint "
                     f"{shown(self.run_dir)} --format safetensors` writes the file once there is room")
@@ -433,6 +435,7 @@ class Trainer:
     def _summary(self, last: dict, wall_s: float, graphs_after_warmup: int) -> dict:
         graphs, fallbacks = compiled_graphs(), compile_fallbacks() - self.fallbacks_before
         return {
+            "model": self.spec.name, "preprocessing": self.preprocessing.to_dict(),
             "strategy": self.cfg.strategy, "epochs": last["epoch"],
             "train_loss": last["train_loss"], "train_acc": last["train_acc"],
             "test_acc": last["test_acc"], "test_examples": last["test_examples"],

@@ -1,7 +1,7 @@
 """What `fastft eval` reads: the model source and the one split it scores.
 
 The model: RUN_DIR or its checkpoint.pt (fastft.checkpoint), or a run's model.safetensors
-(fastft.weights: tensors, and metadata with the classes, image size and epoch).
+(fastft.weights: tensors, and metadata with the model's name, classes, preprocessing and epoch).
 The split: DIR/SPLIT, or DIR itself where it is one split's class folders. Only that split is
 read, so a folder of test images alone will do; its class folders are matched to the run's
 classes by name (the run's, not another split's). The scan lists files as
@@ -32,7 +32,7 @@ def load_source(path: Path, data_given: bool) -> dict:
         return load_checkpoint(path)  # mapped to the CPU, whatever device trained it
     from fastft.predict import check_card
     tensors, card = read_model_file(path)
-    check_card(path, card)  # classes, and the preprocessing of fastft's eval transform
+    name, prep = check_card(path, card)  # classes, the model's name and its preprocessing
     try:
         config = json.loads((path.parent / "config.json").read_text())
     except (OSError, ValueError):
@@ -40,8 +40,10 @@ def load_source(path: Path, data_given: bool) -> dict:
     if not isinstance(config, dict) and not data_given:
         raise CheckpointError(f"{shown_path(path)}: no readable config.json beside it to name the run's data; "
                               f"pass --data DIR, or --checkpoint RUN_DIR")
+    # The card's model and preprocessing win over config.json's: they describe these tensors.
     return {"model": tensors, "classes": card["classes"], "epoch": card.get("epoch", "?"),
-            "config": {**(config if isinstance(config, dict) else {}), "image_size": int(card["image_size"])}}
+            "preprocessing": prep.to_dict(),
+            "config": {**(config if isinstance(config, dict) else {}), "image_size": prep.image_size, "model": name}}
 
 
 def split_folder(data_dir: Path, split: str, classes: list[str]) -> tuple[Path, str | None]:

@@ -21,9 +21,11 @@ run class; --split is then not used). Classes are the run's (from the model sour
 split's class folders are matched to them by name, so the split may lack a run class (a
 warning) but not bring one the run never learnt (a DataError).
 
-Pixels take the run's eval transform at its image size, through the backend `--loader` names
-(torch, dali, cached): the backends' own test pipelines, so the numbers are those the run's
-evaluation computed. Each backend reads the split in the scan's file order in a single process
+The model is the plain torchvision or timm model the run names (`model` in its checkpoint's
+config, `arch` in model.safetensors' metadata; ResNet-18 for a run from before --model), and
+pixels take that model's eval transform (its Preprocessing: resize and interpolation, crop,
+mean and std, as the run recorded them) through the backend `--loader` names (torch, dali,
+cached): the backends' own test pipelines, so the numbers are those the run's evaluation computed. Each backend reads the split in the scan's file order in a single process
 (torch: a strided shard of one; DALI: an unshuffled reader, one shard; cached: files[0::1]),
 which is how every probability is paired with its file; the labels the backend returns are
 checked against that order.
@@ -46,10 +48,11 @@ from tqdm import tqdm
 
 from fastft.data.images import shown_path
 from fastft.data.layout import DatasetLayout
-from fastft.errors import CheckpointError, ConfigError
+from fastft.errors import ConfigError
 from fastft.eval_inputs import dataset_folder, load_source, split_layout
 from fastft.run_faults import out_of_memory_is_one_line
 from fastft.safe_write import check_writable, failure, replacing
+from fastft.weights import model_of
 
 EVAL_LOADERS = ("torch", "dali", "cached")
 SPLITS = ("test", "train")
@@ -162,38 +165,34 @@ def _runtime(device: str):
                    workers=default_workers(target))
 
 
-def make_loaders(kind: str, layout: DatasetLayout, image_size: int, batch: int, rt, progress: bool):
-    """The `kind` backend over `layout` (from run_layout) on rt's device; only its test_batches()
-    is read. Raises ConfigError where DALI does not import or the cached set does not fit."""
+def make_loaders(kind: str, layout: DatasetLayout, prep, batch: int, rt, progress: bool):
+    """The `kind` backend over `layout` (from run_layout) on rt's device, its eval transform the
+    model's Preprocessing `prep` at prep.image_size; only its test_batches() is read. Raises
+    ConfigError where DALI does not import or the cached set does not fit."""
+    image_size = prep.image_size
     if kind == "dali":
         from fastft.data import dali_available
         if not dali_available():
             raise ConfigError("--loader dali: nvidia.dali does not import here; "
                               "pip install nvidia-dali-cuda120, or use --loader torch")
         from fastft.data.dali_loader import DaliLoaders
-        return DaliLoaders(layout, image_size, batch, rt, seed=0, decode_cache="off")
+        return DaliLoaders(layout, image_size, batch, rt, seed=0, decode_cache="off", preprocessing=prep)
     if kind == "cached":
         from fastft.data.cached_loader import CachedLoaders, plan_cache
         plan = plan_cache(layout, image_size, rt)
-        return CachedLoaders(layout, image_size, batch, rt, 0, plan=plan, progress=progress)
+        return CachedLoaders(layout, image_size, batch, rt, 0, plan=plan, progress=progress, preprocessing=prep)
     from fastft.data.torch_loader import TorchLoaders
     # fp32 batches normalised in the loader, as the chapter: on a CPU the cached loader's exactly.
     return TorchLoaders(layout, image_size, batch, rt.workers, 0, rt=rt,
-                        pin_memory=rt.device.type == "cuda", uint8=False)
+                        pin_memory=rt.device.type == "cuda", uint8=False, preprocessing=prep)
 
 
 def load_model(state: dict, device: torch.device) -> torch.nn.Module:
-    """The run's ResNet-18 in eval mode on `device` (the state is already on the CPU); a
-    CheckpointError (one line) where the weights are not one of len(classes) classes."""
-    from fastft.model import build_resnet18
-    model = build_resnet18(len(state["classes"]))
-    try:
-        model.load_state_dict(state["model"])  # strict: every key and shape
-    except RuntimeError as exc:
-        detail = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise CheckpointError(f"{shown_path(state['source'])}: not a ResNet-18 of {len(state['classes'])} classes "
-                              f"({detail[-1][:200] if detail else type(exc).__name__})") from exc
-    return model.to(device).eval()
+    """The run's model (weights.model_of: the one its config or card names) in eval mode on
+    `device` (the state is already on the CPU); a CheckpointError (one line) where the weights
+    are not that model's of len(classes) classes."""
+    from fastft.predict import load_plain
+    return load_plain(state, state["source"]).to(device)
 
 
 @torch.no_grad()
@@ -220,11 +219,12 @@ def evaluate(opts: EvalOptions) -> Evaluation:
     source = Path(opts.checkpoint)
     state = {**load_source(source, opts.data is not None), "source": source}
     classes, config = list(state["classes"]), state["config"]
+    name, prep = model_of(state)  # an unknown model name fails here, before any data work
     folder = dataset_folder(opts.data, config)
     layout, warnings, split = split_layout(folder, opts.split, classes)
     rt = _runtime(opts.device)
-    size = int(config["image_size"])
-    loaders = make_loaders(opts.loader, layout, size, opts.batch_size, rt, opts.progress)
+    size = prep.image_size
+    loaders = make_loaders(opts.loader, layout, prep, opts.batch_size, rt, opts.progress)
     with out_of_memory_is_one_line(opts.batch_size, size, rt.device):  # names the --batch-size that fits
         probs, labels = probabilities(load_model(state, rt.device), loaders, opts.progress)
     paths = [path for path, _ in layout.files["test"]]
@@ -233,9 +233,10 @@ def evaluate(opts: EvalOptions) -> Evaluation:
         raise RuntimeError(f"the {opts.loader} loader returned the split in another order than its file list")
     cm = confusion_matrix(labels, probs.argmax(dim=1), len(classes))
     meta = {"checkpoint": os.fspath(source), "epoch": state["epoch"], "data": os.fspath(folder),
-            "split": split, "loader": opts.loader, "device": str(rt.device), "image_size": size}
+            "split": split, "loader": opts.loader, "device": str(rt.device), "image_size": size,
+            "model": name, "preprocessing": prep.to_dict()}
     where = f"{shown_path(folder)} {split}" if split else f"{shown_path(folder)} (its class folders)"
-    header = (f"eval {shown_path(source)} (epoch {state['epoch']}, {config.get('strategy')}, {size} px) "
+    header = (f"eval {shown_path(source)} ({name}, epoch {state['epoch']}, {config.get('strategy')}, {size} px) "
               f"on {where}: {len(paths)} images, loader {opts.loader}, {rt.device}")
     return Evaluation(classes, paths, labels, probs, scores(cm), top_mistakes(paths, labels, probs, opts.top),
                       header, warnings, meta)

@@ -13,18 +13,20 @@ with its last checkpoint only, so a run stopped before its last epoch has none u
 
 ONNX goes through `torch.onnx.export(dynamo=True)`, the torch.export-based exporter: it is
 torch's default since 2.9, while the TorchScript one (dynamo=False) warns that it is deprecated.
-The weights are kept inside the one .onnx file (external_data=False; ResNet-18's 45 MB is far
-under protobuf's 2 GB limit), so the file travels alone. pt2 is `torch.export.export` +
-`torch.export.save`. Both take the batch axis as dynamic (any N >= 1) and the image size as
-fixed (the run's --image-size).
+The weights are kept inside the one .onnx file (external_data=False; ResNet-18's 45 MB and
+ViT-B/16's 344 MB are under protobuf's 2 GB limit), so the file travels alone. pt2 is
+`torch.export.export` + `torch.export.save`. Both take the batch axis as dynamic (any N >= 1)
+and the image size as fixed (the run's --image-size). Any --model exports: the model is the
+plain torchvision or timm one the run's checkpoint names (predict.trained_model).
 
 The check: the exported file, run as `predict --model` runs it (ONNX Runtime, or the program
 torch.export.load gives back), must give the PyTorch model's logits to within TOLERANCE, at
 batch sizes 1 and N (the dynamic axis at work). Only then is the file moved into place, next to
-its sidecar (PATH.json: classes, image size, resize, mean, std, input layout). safetensors
-holds the same in its metadata and needs no sidecar; its check loads the file into a fresh
-torchvision ResNet-18, which must give the run's logits exactly (the same weights through the
-same code on the same CPU: tolerance 0). The inputs:
+its sidecar (PATH.json: the model's name, classes, its preprocessing as Preprocessing.to_dict()
+under `preprocessing` and as flat keys, the input layout). safetensors holds the same in its
+metadata and needs no sidecar; its check loads the file into a fresh plain library model of
+that name, which must give the run's logits exactly (the same weights through the same code on
+the same CPU: tolerance 0). The inputs, through the model's own eval transform:
 --images if given, else up to CHECK_IMAGES of the run's test split (config.json names the data
 folder); where neither is at hand (a run exported on another machine), random inputs, which
 the report and the sidecar name as such.
@@ -44,20 +46,21 @@ import torch
 from fastft.checkpoint import CHECKPOINT_NAME
 from fastft.data import SYNTHETIC
 from fastft.data.images import load_rgb
-from fastft.data.transforms import eval_transform
 from fastft.errors import ConfigError, DataError, FastftError, WriteError, missing_package
-from fastft.predict import ORT_HINT, check_images, exported_logits, flat_reason, sidecar_path, trained_model
+from fastft.models.base import Preprocessing
+from fastft.predict import (ORT_HINT, check_images, exported_logits, flat_reason, model_transform, sidecar_path,
+                            trained_model)
 from fastft.report import write_json_atomic
 from fastft.rundir import RUN_FILES  # what a run folder holds: export's --out names none of them
 from fastft.safe_write import check_writable, failure, remove_quietly, write_bytes_atomic
-from fastft.weights import exportable_state, import_safetensors, model_card, write_model_file
+from fastft.weights import exportable_state, import_safetensors, model_card, model_of, write_model_file
 
 FORMATS = ("onnx", "pt2", "safetensors")  # each file's suffix is .FORMAT
 ONNX_HINT = "pip install onnx onnxscript (or pip install 'fastft[onnx]')"
 CHECK_IMAGES = 8  # test images the check runs: batches of 1 and of all of them
 # Max |logit difference| allowed, relative to max(1, max |logit|). Both sides are fp32 (eps 1.2e-7)
 # and differ in summation order only: the exporter folds BatchNorm into the convolutions and ONNX
-# Runtime has its own conv kernels. Measured on a trained run (synthetic set, all 800 test images
+# Runtime has its own conv, matmul and LayerNorm kernels. Measured on a trained run (synthetic set, all 800 test images
 # at 48 px, 200 at 224 px): ONNX within 9.3e-7 of max |logit| (6.2e-6 absolute), pt2 identical.
 # Faults measured on the same model: train-mode BatchNorm 2.1, one BN variance 1% off 0.17, the
 # head's weights rounded to fp16 0.16. 1e-4 sits ~100x above rounding and ~1000x below a fault.
@@ -76,13 +79,15 @@ class Exported:
     sidecar: Path | None  # None: safetensors, whose metadata holds the sidecar's content
     fmt: str
     image_size: int  # px
+    model: str  # the --model name
     export_s: float
     checked: dict | None  # inputs, batch_sizes, max_abs_diff, bound, runtime, check_s; None: --no-check
 
     def lines(self) -> list[str]:
         size = self.image_size
-        what = "torchvision ResNet-18 weights for inputs" if self.fmt == "safetensors" else "input"
-        out = [f"exported {self.path} ({self.fmt}, {what} N x 3 x {size} x {size}, N dynamic) in {self.export_s:.1f} s"]
+        what = "weights for inputs" if self.fmt == "safetensors" else "input"
+        out = [f"exported {self.path} ({self.fmt}, {self.model} {what} N x 3 x {size} x {size}, N dynamic) "
+               f"in {self.export_s:.1f} s"]
         c = self.checked
         if c is None:
             out.append("not checked (--no-check): nothing compared its logits with PyTorch's")
@@ -111,9 +116,10 @@ def export_run(checkpoint: Path, fmt: str, out: Path | None = None, images: list
     model, state = trained_model(checkpoint)
     run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     path = output_path(run_dir, fmt, out)  # a folder that cannot be written: said before any export
-    image_size = int(state["config"]["image_size"])
-    card = model_card(list(state["classes"]), image_size, state["epoch"])
-    x, inputs = check_inputs(run_dir, state, image_size, images)
+    name, prep = model_of(state)
+    image_size = prep.image_size
+    card = model_card(list(state["classes"]), state["epoch"], name, prep)
+    x, inputs = check_inputs(run_dir, state, prep, images)
     tmp = path.with_name(f"{path.stem}.tmp.{fmt}")  # torch.export.save warns about any other suffix
     started = time.perf_counter()
     try:
@@ -130,13 +136,14 @@ def export_run(checkpoint: Path, fmt: str, out: Path | None = None, images: list
     finally:
         remove_quietly(tmp)
     if fmt == "safetensors":
-        return Exported(path, None, fmt, image_size, export_s, checked)
+        return Exported(path, None, fmt, image_size, name, export_s, checked)
     sidecar = sidecar_path(path)
-    write_json_atomic(sidecar, {"format": fmt, "file": path.name, **card, "input_name": "x",
+    write_json_atomic(sidecar, {"format": fmt, "file": path.name, "model": name, **card,
+                                "preprocessing": prep.to_dict(), "input_name": "x",
                                 "output": "logits (N, num_classes) float32; softmax gives probabilities",
                                 "batch": "dynamic, N >= 1", "checked": checked,
                                 "exported_with": f"torch {torch.__version__}"})
-    return Exported(path, sidecar, fmt, image_size, export_s, checked)
+    return Exported(path, sidecar, fmt, image_size, name, export_s, checked)
 
 
 def _check_packages(fmt: str, check: bool) -> None:
@@ -185,9 +192,10 @@ def output_path(run_dir: Path, fmt: str, out: Path | None) -> Path:
     return path
 
 
-def check_inputs(run_dir: Path, state: dict, image_size: int, images: list[Path] | None
+def check_inputs(run_dir: Path, state: dict, prep: Preprocessing, images: list[Path] | None
                  ) -> tuple[torch.Tensor, str]:
-    """(x, what x is): (N, 3, S, S) fp32 through the eval transform, N >= 2.
+    """(x, what x is): (N, 3, S, S) fp32 through the model's eval transform (predict's
+    model_transform of `prep`; S = prep.image_size), N >= 2.
 
     --images first (every one, a bad file is a DataError), else up to CHECK_IMAGES of the
     run's test split spread over its classes, else CHECK_IMAGES random N(0, 1) inputs."""
@@ -198,9 +206,9 @@ def check_inputs(run_dir: Path, state: dict, image_size: int, images: list[Path]
         paths, inputs = run_test_images(run_dir, state)
     if not paths:
         generator = torch.Generator().manual_seed(RANDOM_SEED)
-        x = torch.randn(CHECK_IMAGES, 3, image_size, image_size, generator=generator)
+        x = torch.randn(CHECK_IMAGES, 3, prep.image_size, prep.image_size, generator=generator)
         return x, f"{CHECK_IMAGES} random inputs, not images ({inputs}; pass --images to check on real ones)"
-    transform = eval_transform(image_size)
+    transform = model_transform(prep)
     x = torch.stack([transform(load_rgb(p)) for p in paths])
     return (x.repeat(2, 1, 1, 1) if len(x) == 1 else x), inputs
 
@@ -241,7 +249,8 @@ def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, fmt: str, 
     if fmt == "safetensors":
         write_model_file(path, exportable_state(model), card)
         return
-    batch = {"x": {0: torch.export.Dim("batch", min=1)}}  # `x`: torchvision ResNet.forward's argument
+    # By position: forward's first argument is `x` in torchvision, not in every timm model.
+    batch = ({0: torch.export.Dim("batch", min=1)},)
     try:
         with torch.no_grad():
             if fmt == "onnx":
@@ -253,7 +262,7 @@ def _export(model: torch.nn.Module, sample: torch.Tensor, path: Path, fmt: str, 
                 buffer = io.BytesIO()
                 torch.export.save(torch.export.export(model, (sample,), dynamic_shapes=batch), buffer)
                 write_bytes_atomic(path, buffer.getvalue())
-    except Exception as exc:  # the exporters raise their own types; a ResNet-18 should never get here
+    except Exception as exc:  # the exporters raise their own types; a model they cannot trace gets here
         if failure(path, exc) is not None:  # a full disk, a read-only folder: said by export_run
             raise
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

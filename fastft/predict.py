@@ -5,12 +5,14 @@
     fastft predict --model RUN_DIR/model.pt2 IMAGE...         # torch.export.load
     fastft predict --model RUN_DIR/model.safetensors IMAGE... # its metadata has the classes
 
-Every path feeds the model the same tensor: load_rgb, then the run's eval transform
-(Resize, CenterCrop, normalise; data/transforms.py). An exported model's classes and image size
-come from its sidecar, PATH.json, which `fastft export` writes next to it; predict checks it
-against the model's own input and output shapes before the first image, so a sidecar of
-another export is one line, not the runtime's traceback. A GPU-trained checkpoint works on a
-CPU-only machine.
+Every path feeds the model the same tensor: load_rgb, then the model's own eval transform
+(Resize with its interpolation, CenterCrop, normalise with its mean and std: the Preprocessing
+the run recorded, see model_transform). A run's model is the --model its checkpoint names
+(ResNet-18 for a run from before --model). An exported model's name, classes and preprocessing
+come from its sidecar, PATH.json, which `fastft export` writes next to it (model.safetensors
+keeps them in its metadata); predict checks it against the model's own input and output shapes
+before the first image, so a sidecar of another export is one line, not the runtime's
+traceback. A GPU-trained checkpoint works on a CPU-only machine.
 
 A .pt2 file is read by torch.export.load, which falls back to full unpickling for objects it
 cannot read otherwise: load only .pt2 files you made or trust. ONNX files hold no code.
@@ -25,14 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torchvision.transforms as T
 
 from fastft.checkpoint import load_checkpoint
 from fastft.data.images import load_rgb, quick_problem, shown_path
-from fastft.data.transforms import eval_transform
 from fastft.errors import CheckpointError, ConfigError, DataError, FastftError
-from fastft.model import ZIP_MAGIC, build_resnet18
+from fastft.model import ZIP_MAGIC
+from fastft.models.base import Preprocessing
 from fastft.runtime import pick_device
-from fastft.weights import preprocessing, read_model_file
+from fastft.weights import build_plain, card_model, model_of, read_model_file
 
 ORT_HINT = "pip install onnxruntime (or pip install 'fastft[onnx]')"
 MODEL_FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".safetensors": "safetensors"}  # predict --model
@@ -65,13 +68,36 @@ def check_images(images: list[Path]) -> None:
         raise DataError(f"{shown_path(path)}: {reason}{more}")
 
 
+def model_transform(prep: Preprocessing) -> T.Compose:
+    """PIL RGB image -> (3, S, S) fp32: Resize([resize, resize]) with prep's interpolation
+    (antialiased on PIL images), CenterCrop(S), scale to 0..1, (x - mean) / std; S = prep.image_size.
+    The same steps as the loaders' eval transform (data/transforms.py) given the same Preprocessing."""
+    mode = T.InterpolationMode(prep.interpolation)  # PIL's own filters, NEAREST included
+    return T.Compose([T.Resize([prep.resize, prep.resize], interpolation=mode), T.CenterCrop(prep.image_size),
+                      T.ToTensor(), T.Normalize(prep.mean, prep.std)])
+
+
 def trained_model(checkpoint: Path) -> tuple[torch.nn.Module, dict]:
-    """The run's ResNet-18 in fp32 on the CPU, in eval mode, and its checkpoint (any device's).
-    Raises CheckpointError (one line) for a missing or unreadable checkpoint."""
+    """The run's model (the --model its checkpoint names) in fp32 on the CPU, in eval mode, and
+    its checkpoint (any device's). Raises CheckpointError (one line) for a missing or unreadable
+    checkpoint, or weights that do not fit the model it names."""
     state = load_checkpoint(checkpoint)  # mapped to the CPU, whatever device trained it
-    model = build_resnet18(len(state["classes"]))
-    model.load_state_dict(state["model"])
-    return model.eval(), state
+    return load_plain(state, checkpoint), state
+
+
+def load_plain(state: dict, source: Path) -> torch.nn.Module:
+    """The plain library model a checkpoint-like `state` names (model_of), its weights loaded
+    strictly, in eval mode on the CPU; a one-line CheckpointError naming `source` otherwise."""
+    name, prep = model_of(state)
+    classes = len(state["classes"])
+    model = build_plain(name, classes, prep.image_size)
+    try:
+        model.load_state_dict(state["model"])  # strict: every key and shape
+    except RuntimeError as exc:
+        detail = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise CheckpointError(f"{shown_path(source)}: not a {name} of {classes} classes "
+                              f"({detail[-1][:200] if detail else type(exc).__name__})") from exc
+    return model.eval()
 
 
 def sidecar_path(model_path: Path) -> Path:
@@ -80,7 +106,7 @@ def sidecar_path(model_path: Path) -> Path:
 
 
 def read_sidecar(model_path: Path) -> dict:
-    """The sidecar `fastft export` wrote next to `model_path`, checked by `check_card`;
+    """The sidecar `fastft export` wrote next to `model_path` (checked by `check_card`);
     CheckpointError (one line) when the model or its sidecar is missing or unreadable."""
     path = sidecar_path(model_path)
     try:
@@ -90,25 +116,19 @@ def read_sidecar(model_path: Path) -> dict:
                               f"the classes and preprocessing predict needs") from exc
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a fastft export sidecar ({type(exc).__name__}: {exc})") from exc
-    return check_card(path, card)
-
-
-def check_card(where: Path, card: dict) -> dict:
-    """`card` (a sidecar, or model.safetensors' metadata) when it holds what predict needs: the
-    class names, and the preprocessing fastft's eval transform makes at its image size, which
-    predict applies. Else a one-line CheckpointError."""
-    try:
-        expected = preprocessing(int(card["image_size"]))
-        classes = card["classes"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: records no image_size and classes ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(classes, list) or not classes:
-        raise CheckpointError(f"{where}: `classes` is not a list of class names")
-    differs = [key for key in ("resize", "mean", "std") if card.get(key) != expected[key]]
-    if differs:
-        raise CheckpointError(f"{where}: its {', '.join(differs)} differ from fastft's eval transform at "
-                              f"{card['image_size']} px, which predict applies")
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{path}: not a fastft export sidecar (a JSON object expected)")
     return card
+
+
+def check_card(where: Path, card: dict) -> tuple[str, Preprocessing]:
+    """(model name, Preprocessing) of `card` (a sidecar, or model.safetensors' metadata) when it
+    holds what predict needs: the class names, and the model's preprocessing (weights.card_model),
+    which predict applies. Else a one-line CheckpointError."""
+    classes = card.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise CheckpointError(f"{where}: records no `classes` list of class names")
+    return card_model(where, card)
 
 
 def model_format(model_path: Path) -> str:
@@ -131,7 +151,7 @@ def check_fits(model_path: Path, fmt: str, card: dict, loaded: Loaded) -> None:
     another format, or an image size or class count other than the model's own input
     (N, 3, S, S) and output (N, classes) shapes (each dim compared where the model fixes it)."""
     where, name = sidecar_path(model_path), model_path.name
-    size, n = int(card["image_size"]), len(card["classes"])
+    size, n = check_card(where, card)[1].image_size, len(card["classes"])
     if card.get("format", fmt) != fmt:
         raise CheckpointError(f"{where}: says format {card['format']}, but {name} is {fmt}")
     problems = []
@@ -164,8 +184,8 @@ def load_exported(model_path: Path, fmt: str, device: str = "cpu") -> Loaded:
     """An exported model, ready to run, with its input and output shapes where it records them.
 
     ONNX runs through ONNX Runtime (its CUDA provider for a cuda device, where installed);
-    pt2 through torch.export.load; safetensors in a fresh torchvision ResNet-18 of the classes its
-    metadata lists. Raises ConfigError when onnxruntime is missing, CheckpointError (one line) for
+    pt2 through torch.export.load; safetensors in the fresh plain library model its metadata
+    names (arch), of the classes it lists. Raises ConfigError when onnxruntime is missing, CheckpointError (one line) for
     a file the runtime cannot read, WeightsError for a bad safetensors file.
     """
     if fmt == "onnx":
@@ -244,20 +264,20 @@ def flat_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def classify(images: list[Path], logits: Logits, classes: list[str], image_size: int, source: Path
+def classify(images: list[Path], logits: Logits, classes: list[str], prep: Preprocessing, source: Path
              ) -> Iterator[tuple[Path, str, float]]:
-    """(image, predicted class, its probability) for each image, one at a time, in order.
-    Raises ModelRunError (one line, naming `source`, the model) when the model fails on an image
-    or gives other than one logit per class."""
-    for path, ranked in classify_top_k(images, logits, classes, image_size, source, 1):
+    """(image, predicted class, its probability) for each image, one at a time, in order, each
+    image through model_transform(prep). Raises ModelRunError (one line, naming `source`, the
+    model) when the model fails on an image or gives other than one logit per class."""
+    for path, ranked in classify_top_k(images, logits, classes, prep, source, 1):
         yield path, *ranked[0]
 
 
-def classify_top_k(images: list[Path], logits: Logits, classes: list[str], image_size: int, source: Path,
+def classify_top_k(images: list[Path], logits: Logits, classes: list[str], prep: Preprocessing, source: Path,
                    k: int) -> Iterator[tuple[Path, list[tuple[str, float]]]]:
     """(image, [(class, probability)] of its min(k, classes) most probable classes, most probable
     first; ties in class order) for each image, one at a time, in order. Errors as `classify`."""
-    transform = eval_transform(image_size)
+    transform = model_transform(prep)
     for path in images:
         x = transform(load_rgb(path)).unsqueeze(0)
         try:
@@ -285,10 +305,10 @@ def predict(checkpoint: Path, images: list[Path], device: str = "cpu") -> Iterat
     yield from classify(images, *checkpoint_classifier(checkpoint, device))
 
 
-def checkpoint_classifier(checkpoint: Path, device: str = "cpu") -> tuple[Logits, list[str], int, Path]:
-    """A run's model as (logits, classes, image size in px, the source to name in errors)."""
+def checkpoint_classifier(checkpoint: Path, device: str = "cpu") -> tuple[Logits, list[str], Preprocessing, Path]:
+    """A run's model as (logits, classes, its Preprocessing, the source to name in errors)."""
     model, state = trained_model(checkpoint)
-    return _torch_logits(model, device), list(state["classes"]), int(state["config"]["image_size"]), checkpoint
+    return _torch_logits(model, device), list(state["classes"]), model_of(state)[1], checkpoint
 
 
 def predict_top_k(images: list[Path], k: int, device: str = "cpu", checkpoint: Path | None = None,
@@ -313,32 +333,34 @@ def predict_exported(model_path: Path, images: list[Path], device: str = "cpu"
     yield from classify(images, *exported_classifier(model_path, device))
 
 
-def exported_classifier(model_path: Path, device: str = "cpu") -> tuple[Logits, list[str], int, Path]:
+def exported_classifier(model_path: Path, device: str = "cpu") -> tuple[Logits, list[str], Preprocessing, Path]:
     """An exported .onnx/.pt2 (its sidecar checked against the model's shapes) or a run's
-    model.safetensors, as (logits, classes, image size in px, the source to name in errors)."""
+    model.safetensors, as (logits, classes, its Preprocessing, the source to name in errors)."""
     fmt = model_format(model_path)
     if fmt == "safetensors":
         loaded, card = _safetensors_model(model_path, device)
+        where = model_path
     else:
         card = read_sidecar(model_path)
+        where = sidecar_path(model_path)
         loaded = load_exported(model_path, fmt, device)
         check_fits(model_path, fmt, card, loaded)
-    return loaded.run, card["classes"], int(card["image_size"]), model_path
+    return loaded.run, card["classes"], check_card(where, card)[1], model_path
 
 
 def _safetensors_model(model_path: Path, device: str) -> tuple[Loaded, dict]:
-    """model.safetensors in a fresh torchvision ResNet-18, as any script would load it, and its
-    metadata; a strict load, so a file of another network or class count is refused."""
-    import torchvision
+    """model.safetensors in a fresh plain torchvision or timm model of the name its metadata
+    gives (weights.build_plain), as any script would load it, and its metadata; a strict load,
+    so a file of another network or class count is refused."""
     tensors, card = read_model_file(model_path)
-    check_card(model_path, card)
+    name, prep = check_card(model_path, card)
     classes = len(card["classes"])
-    model = torchvision.models.resnet18(weights=None, num_classes=classes)
+    model = build_plain(name, classes, prep.image_size)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
-        raise CheckpointError(f"{model_path}: not a ResNet-18 of {classes} classes ({_first_line(exc)})") from exc
-    runtime = "a fresh torchvision ResNet-18 (strict load_state_dict)"
+        raise CheckpointError(f"{model_path}: not a {name} of {classes} classes ({_first_line(exc)})") from exc
+    runtime = f"a fresh {name} (strict load_state_dict)"
     return Loaded(_torch_logits(model.eval(), device), runtime, None, (None, classes)), card
 
 

@@ -349,10 +349,11 @@ def test_a_split_that_is_not_there_or_not_the_runs_is_one_line(forced_run, test_
 
 
 def test_a_runs_model_safetensors_is_a_model_source(forced_run, forced_data, tmp_path, capsys):
+    from fastft.models.base import DEFAULT_PREPROCESSING
     from fastft.weights import model_card, write_model_file
     path = forced_run / "model.safetensors"
     # The stand-in model ignores the tensors; the metadata gives the classes, size and epoch.
-    write_model_file(path, {"w": torch.zeros(1)}, model_card(RUN_CLASSES, 32, 3))
+    write_model_file(path, {"w": torch.zeros(1)}, model_card(RUN_CLASSES, 3, "resnet18", DEFAULT_PREPROCESSING.at_size(32)))
     assert main(["eval", "--checkpoint", str(path)]) == 2
     assert capsys.readouterr().err == (f"fastft: error: {path}: no readable config.json beside it to name the "
                                        f"run's data; pass --data DIR, or --checkpoint RUN_DIR\n")
@@ -365,7 +366,7 @@ def test_a_runs_model_safetensors_is_a_model_source(forced_run, forced_data, tmp
 
 def test_weights_of_another_shape_are_one_line(forced_data, tmp_path):
     run = _fake_run(tmp_path / "run", forced_data, RUN_CLASSES, {"fc.weight": torch.zeros(2, 512)})
-    with pytest.raises(CheckpointError, match=rf"^{run}: not a ResNet-18 of 4 classes \(.*fc\.weight.*\)$"):
+    with pytest.raises(CheckpointError, match=rf"^{run}: not a resnet18 of 4 classes \(.*fc\.weight.*\)$"):
         evaluation.evaluate(evaluation.EvalOptions(run, progress=False))
 
 

@@ -19,6 +19,7 @@ from fastft.data.transforms import eval_transform
 from fastft.errors import CheckpointError, ConfigError
 from fastft.export import TOLERANCE, ExportError, export_run
 from fastft.model import build_resnet18
+from fastft.models.base import DEFAULT_PREPROCESSING
 from fastft.predict import exported_logits, predict, predict_exported, trained_model
 
 CLASSES = ["hotdog", "not-hotdog"]
@@ -90,7 +91,7 @@ def check_parity(exported: dict, fmt: str, tiny_data: Path) -> None:
     assert checked["batch_sizes"] == [1, 8] and checked["inputs"] == f"8 test images of {tiny_data}"
     assert checked["max_abs_diff"] <= checked["bound"] and checked["bound"] >= TOLERANCE
     lines = exported["lines"][fmt]
-    assert lines[0].startswith(f"exported {path} ({fmt}, input N x 3 x 32 x 32, N dynamic) in ")
+    assert lines[0].startswith(f"exported {path} ({fmt}, resnet18 input N x 3 x 32 x 32, N dynamic) in ")
     assert lines[1].startswith(f"checked with {checked['runtime']} on 8 test images of {tiny_data}, batches "
                                f"of 1 and 8: max abs logit difference ")
     assert lines[2] == f"preprocessing and classes: {path}.json"
@@ -233,7 +234,12 @@ def test_a_sidecar_that_does_not_fit_the_model_is_one_line(exported, fmt, tiny_d
     model.symlink_to(exported["run"] / f"model.{fmt}")
     card = json.loads((exported["run"] / f"model.{fmt}.json").read_text())
     sidecar, image = tmp_path / f"model.{fmt}.json", sorted((tiny_data / "test").glob("*/*.jpg"))[0]
-    sidecar.write_text(json.dumps({**card, "image_size": 64, "resize": 73}))
+    bigger = {"image_size": 64, "resize": 73}
+    sidecar.write_text(json.dumps({**card, **bigger}))  # the flat keys edited, not `preprocessing`
+    assert main(["predict", "--model", str(model), str(image)]) == 2
+    assert capsys.readouterr().err == (f"fastft: error: {sidecar}: its image_size, resize differ from its "
+                                       f"`preprocessing`\n")
+    sidecar.write_text(json.dumps({**card, **bigger, "preprocessing": {**card["preprocessing"], **bigger}}))
     assert main(["predict", "--model", str(model), str(image)]) == 2  # checked before any image is run
     assert capsys.readouterr().err == (f"fastft: error: {sidecar}: image_size 64, but model.{fmt} takes inputs "
                                        f"of N x 3 x 32 x 32 (a sidecar of another export?)\n")
@@ -248,9 +254,9 @@ def test_a_sidecar_that_does_not_fit_the_model_is_one_line(exported, fmt, tiny_d
     check_fits(model, fmt, card, loaded)  # the export's own sidecar fits
     # Where a model records no shapes, running it is the check: still one line, naming the model.
     with pytest.raises(ModelRunError) as caught:
-        next(classify([image], loaded.run, CLASSES, 64, model))
+        next(classify([image], loaded.run, CLASSES, DEFAULT_PREPROCESSING.at_size(64), model))
     want = ("Got: 64 Expected: 32" if fmt == "onnx" else "AssertionError: Guard failed: x.size()[2] == 32")
     assert caught.value.one_line().startswith(f"{model}: failed on {image} (") and want in str(caught.value)
     with pytest.raises(ModelRunError) as caught:
-        next(classify([image], loaded.run, ["a", "b", "c"], 32, model))
+        next(classify([image], loaded.run, ["a", "b", "c"], DEFAULT_PREPROCESSING.at_size(32), model))
     assert str(caught.value) == f"{model}: gives logits of shape (1, 2) for one image, expected (1, 3) for its 3 classes"

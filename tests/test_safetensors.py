@@ -16,6 +16,7 @@ from fastft.cli import main
 from fastft.errors import WeightsError
 from fastft.model import build_resnet18, load_matching, read_weights
 from fastft.predict import predict, predict_exported, trained_model
+from fastft.models.base import DEFAULT_PREPROCESSING
 from fastft.weights import MODEL_FILE, model_card, read_model_file, save_run_weights, write_model_file
 
 safetensors_torch = pytest.importorskip("safetensors.torch", reason="pip install safetensors")
@@ -65,7 +66,7 @@ def test_weights_travel_both_ways_through_safetensors(eight_images, imagenet_lik
     # the backbone trained: the file holds the run's weights, not the ones it started from
     assert not torch.equal(tensors["layer4.1.conv2.weight"], imagenet["layer4.1.conv2.weight"])
     card = read_model_file(run / MODEL_FILE)[1]
-    assert card == {"format": "pt", **model_card(["hotdog", "not-hotdog"], 32, 1)}
+    assert card == {"format": "pt", **model_card(["hotdog", "not-hotdog"], 1, "resnet18", DEFAULT_PREPROCESSING.at_size(32))}
     assert (card["resize"], card["mean"], card["std"]) == (37, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     # The file alone is enough for predict: same answers as the checkpoint.
     images = sorted((eight_images / "test").glob("*/*.png"))
@@ -86,7 +87,7 @@ def test_without_safetensors_a_run_completes_and_says_so_once(eight_images, imag
 
 
 def test_metadata_round_trips_as_strings(tmp_path):
-    card = model_card(["cat", "dog", "hot dog"], 48, 7)
+    card = model_card(["cat", "dog", "hot dog"], 7, "resnet18", DEFAULT_PREPROCESSING.at_size(48))
     state = {"w": torch.arange(6.0).reshape(2, 3), "n": torch.tensor(5, dtype=torch.int64)}
     write_model_file(tmp_path / "m.safetensors", state, card)
     from safetensors import safe_open
@@ -102,7 +103,7 @@ def test_metadata_round_trips_as_strings(tmp_path):
 def test_the_run_file_has_no_wrapper_prefix_and_contiguous_tensors(tmp_path):
     model = build_resnet18(2).to(memory_format=torch.channels_last)
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # --sync-bn keeps the names
-    assert save_run_weights(tmp_path, model, ["a", "b"], 32, 2) is None
+    assert save_run_weights(tmp_path, model, ["a", "b"], 2, "resnet18", DEFAULT_PREPROCESSING.at_size(32)) is None
     state, label = read_weights(tmp_path / MODEL_FILE)
     assert label == str(tmp_path / MODEL_FILE)  # no container, no prefix removed
     report = load_matching(build_resnet18(2), state, label)
@@ -131,7 +132,7 @@ def test_a_bad_safetensors_file_is_one_line(tmp_path, imagenet_like):
 
 def test_export_writes_the_model_file_a_stopped_run_lacks(tiny_data, tmp_path, monkeypatch, capsys):
     """A run stopped before its last epoch has a checkpoint and no model.safetensors; export makes
-    it, checked bit-exact in a fresh torchvision ResNet-18, with the checkpoint's epoch."""
+    it, checked bit-exact in a fresh torchvision ResNet-18 (the model a run from before --model is), with the checkpoint's epoch."""
     from test_export import CLASSES, make_run
     run = make_run(tmp_path / "run", tiny_data)  # checkpoint.pt of epoch 3, config.json
     ours, _ = trained_model(run)
@@ -147,22 +148,22 @@ def test_export_writes_the_model_file_a_stopped_run_lacks(tiny_data, tmp_path, m
     monkeypatch.undo()
     assert main(["export", "--checkpoint", str(run), "--format", "safetensors", "--images", *map(str, two)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith(f"exported {run / MODEL_FILE} (safetensors, torchvision ResNet-18 weights for "
+    assert lines[0].startswith(f"exported {run / MODEL_FILE} (safetensors, resnet18 weights for "
                                f"inputs N x 3 x 32 x 32, N dynamic) in ")
-    assert lines[1].startswith("checked with a fresh torchvision ResNet-18 (strict load_state_dict) on 2 images "
+    assert lines[1].startswith("checked with a fresh resnet18 (strict load_state_dict) on 2 images "
                                "given with --images, batches of 1 and 2: max abs logit difference 0.0e+00 from "
                                "PyTorch (tolerance 0.0e+00) in ")
     assert lines[2:] == ["preprocessing and classes: in its metadata (no sidecar)"]
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", MODEL_FILE]  # no sidecar
     tensors, card = read_model_file(run / MODEL_FILE)
-    assert card == {"format": "pt", **model_card(CLASSES, 32, 3)}  # the checkpoint's epoch
+    assert card == {"format": "pt", **model_card(CLASSES, 3, "resnet18", DEFAULT_PREPROCESSING.at_size(32))}  # the checkpoint's epoch
     plain = torchvision.models.resnet18(num_classes=2)
     plain.load_state_dict(tensors, strict=True)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(plain.eval()(x), ours(x))
     # What the run itself would have written with this checkpoint: the same tensors and metadata.
-    assert save_run_weights(tmp_path, ours, CLASSES, 32, 3) is None
+    assert save_run_weights(tmp_path, ours, CLASSES, 3, "resnet18", DEFAULT_PREPROCESSING.at_size(32)) is None
     run_tensors, run_card = read_model_file(tmp_path / MODEL_FILE)
     assert run_card == card and set(run_tensors) == set(tensors)
     assert all(torch.equal(run_tensors[k], v) and run_tensors[k].dtype == v.dtype for k, v in tensors.items())
