@@ -408,6 +408,7 @@ class Trainer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "epoch": epochs_done, "rng": rngs[0],
                  "rng_per_rank": rngs, "loader_per_rank": loaders, "config": self.cfg.to_dict(), "classes": list(self.data.classes),
+                 "preprocessing": self.preprocessing.to_dict(),
                  "world_size": self.rt.world_size, "fastft_version": __version__}
         self.checkpoints.save(state, checkpoint_path(self.run_dir), background)
         if epochs_done == self.cfg.epochs:  # the run's final weights, for other tools (fastft.weights)

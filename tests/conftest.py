@@ -51,6 +51,7 @@ SLOW = (
     "test_compile_graphs.py::test_a_frame_past_the_recompile_limit",
     "test_speed_flags.py::test_a_speed_flag_takes_the_reference_step[compile]",
     "test_compile_cache.py::test_a_second_compile_comes_from_the_cache",
+    "test_after_training_models.py::",
 )
 
 
