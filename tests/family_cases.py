@@ -53,11 +53,12 @@ TRAINED = (RESNET18, EFFICIENTNET, MOBILENET, CONVNEXT, VIT, TIMM_BN, TIMM_VIT)
 WITH_BN = (RESNET18, EFFICIENTNET, MOBILENET, TIMM_BN)
 
 
-def randomise(model: nn.Module, structure: Structure, seed: int, size: int) -> nn.Module:
+def randomise(model: nn.Module, structure: Structure, seed: int, size: int,
+              probe_side: int | None = PROBE_SIDE) -> nn.Module:
     """Non-trivial weights in place (see the module docstring); returns the model in eval mode.
 
     BN statistics are first measured on random images (as ImageNet's were measured on its
-    images), 64 at `size` and 64 at PROBE_SIDE, then moved off by up to 10%. Arbitrary statistics make a deep random network either
+    images), 64 at `size` and 64 at `probe_side` (None: `size` only), then moved off by up to 10%. Arbitrary statistics make a deep random network either
     lose the image (MobileNet V3 gave the same logits for every image, and any split would
     "equal" it) or amplify rounding chaotically (EfficientNet-B0's fp32 logits were 13% off its
     own fp64 ones, so no fp32 comparison could tell a fold's error from the model's).
@@ -83,7 +84,7 @@ def randomise(model: nn.Module, structure: Structure, seed: int, size: int) -> n
                 m.reset_running_stats()
                 m.momentum = None  # a cumulative average over the batch
             model.train()
-            for side in {size, PROBE_SIDE}:  # cumulative: the statistics of both sizes' batches
+            for side in {size, probe_side or size}:  # cumulative: the statistics of both sizes' batches
                 model(torch.randn(64, 3, side, side, generator=g))
             for m, momentum in zip(bns, momenta):
                 m.momentum = momentum
@@ -93,13 +94,14 @@ def randomise(model: nn.Module, structure: Structure, seed: int, size: int) -> n
     return model.eval()
 
 
-def build(case: Case, num_classes: int = 2, seed: int = 0) -> tuple[nn.Module, Structure]:
-    """(model in eval mode with non-trivial weights, its Structure)."""
+def build(case: Case, num_classes: int = 2, seed: int = 0, probe_side: int | None = PROBE_SIDE
+          ) -> tuple[nn.Module, Structure]:
+    """(model in eval mode with non-trivial weights, its Structure); see randomise."""
     spec = get_spec(case.name)
     torch.manual_seed(seed)
     model = spec.build(num_classes, case.size)
     structure = spec.structure(model)
-    return randomise(model, structure, seed, case.size), structure
+    return randomise(model, structure, seed, case.size, probe_side), structure
 
 
 def plain_bn_count(modules: list[nn.Module]) -> int:

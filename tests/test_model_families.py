@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from family_cases import CASES, CONVNEXT, EFFICIENTNET, RESNET18, TRAINED, VIT, WITH_BN, Case, build, plain_bn_count, state_names
+from family_cases import CASES, CONVNEXT, EFFICIENTNET, RESNET18, TIMM_BN, TRAINED, VIT, WITH_BN, Case, build, plain_bn_count, state_names
 from fastft.checkpoint import load_checkpoint
 from fastft.cli import main
 from fastft.data import dali_available
 from fastft.fastpath import split_for_training
-from fastft.forward import Forward
+from fastft.forward import Forward, fast_path_line
 from fastft.models import get_spec
 from fastft.runtime import Runtime
 from fastft.strategy import ALL, Strategy, get_strategy
@@ -137,6 +137,32 @@ def test_split_equals_the_model_and_keeps_its_own_trainable_modules(zoo, case, k
         assert split.prefix(x).shape == (2, structure.feature_dim)
     for name, tensor in model.state_dict().items():  # folding worked on a copy
         assert torch.equal(tensor, before[name]), name
+
+
+@pytest.mark.xfail(strict=True, reason="checked_fold judges a fold on 64 px noise (_probe_input), not the run's "
+                   "input: where the model's 64 px response amplifies fp32 rounding past FOLD_CHECK_RTOL, an exact "
+                   "fold is refused, silently")
+def test_an_exact_fold_is_kept_whatever_the_model_does_at_64_px():
+    # BN statistics measured at 32 px only: at 32 px the folded prefix is within 1e-5 of the
+    # unfolded one (measured), at 64 px this random EfficientNet's logits reach 1e5 and the
+    # rounding differences 1e-2 of them.
+    model, structure = build(EFFICIENTNET, probe_side=None)
+    split = split_for_training(model, len(structure.units), structure=structure)
+    x = images(EFFICIENTNET)
+    with torch.no_grad():
+        assert rel_error(split(x), model(x)) < 1e-5
+    assert split.folded == plain_bn_count([m for u in structure.units for m in u.modules]) == 49
+
+
+@pytest.mark.xfail(strict=True, reason="fast_path_line says 'no BatchNorm to fold' whenever none was folded, also "
+                   "for a prefix full of BatchNorms it left as they were (timm's BatchNormAct2d, a refused fold)")
+def test_the_fast_path_line_names_batch_norms_left_unfolded(zoo):
+    model, structure = zoo(TIMM_BN)
+    forward = Forward(copy.deepcopy(model), len(structure.units), True, CPU, structure=get_spec(TIMM_BN.name)
+                      .structure(model))
+    assert forward.folded == 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in forward.prefix.modules())
+    line = fast_path_line(TIMM_BN.name, structure, len(structure.units), forward)
+    assert "no BatchNorm to fold" not in line, line
 
 
 # --- 3. one training step, fast and reference -----------------------------------------------
