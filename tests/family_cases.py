@@ -10,8 +10,10 @@ nearly the identity), ViT's class token a random vector, and every head random w
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import nn
 
@@ -35,6 +37,21 @@ class Case:
     def id(self) -> str:
         return self.name.replace("timm:", "timm-")
 
+    @property
+    def marks(self) -> list:
+        """timm is optional (not in fastft's `test` extra): its cases skip without it."""
+        if self.name.startswith("timm:") and importlib.util.find_spec("timm") is None:
+            return [pytest.mark.skip(reason="needs timm: pip install timm")]
+        return []
+
+    def units(self) -> int:
+        """len(Structure.units), built on the meta device (no memory); 0 when the case skips."""
+        if self.marks:
+            return 0
+        spec = get_spec(self.name)
+        with torch.device("meta"):
+            return len(spec.structure(spec.build(2, self.size)).units)
+
 
 RESNET18 = Case("resnet18", folds=True)
 RESNET50 = Case("resnet50", folds=True, ks=(1, 3, 5))
@@ -51,6 +68,11 @@ CASES = (RESNET18, RESNET50, EFFICIENTNET, MOBILENET, CONVNEXT, VIT, TIMM_BN, TI
 # Structure and split are checked, its training would cost seconds per step on two cores).
 TRAINED = (RESNET18, EFFICIENTNET, MOBILENET, CONVNEXT, VIT, TIMM_BN, TIMM_VIT)
 WITH_BN = (RESNET18, EFFICIENTNET, MOBILENET, TIMM_BN)
+
+
+def params(cases: tuple[Case, ...]) -> list:
+    """`cases` for pytest.mark.parametrize, with their ids and marks."""
+    return [pytest.param(case, marks=case.marks, id=case.id) for case in cases]
 
 
 def randomise(model: nn.Module, structure: Structure, seed: int, size: int,

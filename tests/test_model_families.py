@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from family_cases import CASES, CONVNEXT, EFFICIENTNET, RESNET18, TIMM_BN, TRAINED, VIT, WITH_BN, Case, build, plain_bn_count, state_names
+from family_cases import (CASES, CONVNEXT, EFFICIENTNET, RESNET18, TIMM_BN, TRAINED, VIT, WITH_BN, Case, build, params,
+                          plain_bn_count, state_names)
 from fastft.checkpoint import load_checkpoint
 from fastft.cli import main
 from fastft.data import dali_available
@@ -58,7 +59,7 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- 1. the Structure -----------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", params(CASES))
 def test_structure_covers_every_parameter_once_and_its_sequence_is_the_forward(zoo, case):
     model, structure = zoo(case)
     seen = Counter(id(p) for unit in structure.units for p in unit.parameters())
@@ -87,15 +88,8 @@ def test_structure_covers_every_parameter_once_and_its_sequence_is_the_forward(z
 
 def split_cells():
     for case in CASES:
-        units = len(build_units(case))
-        for k in case.ks or range(units + 1):
-            yield pytest.param(case, k, id=f"{case.id}-K{k}")
-
-
-def build_units(case: Case) -> list:
-    spec = get_spec(case.name)
-    with torch.device("meta"):
-        return spec.structure(spec.build(2, case.size)).units
+        for k in case.ks or range(case.units() + 1):
+            yield pytest.param(case, k, marks=case.marks, id=f"{case.id}-K{k}")
 
 
 # Folding reorders fp32 rounding, which a deep network amplifies: against its own fp64 logits the
@@ -154,6 +148,7 @@ def test_an_exact_fold_is_kept_whatever_the_model_does_at_64_px():
     assert split.folded == plain_bn_count([m for u in structure.units for m in u.modules]) == 49
 
 
+@pytest.mark.skipif(bool(TIMM_BN.marks), reason="needs timm: pip install timm")
 @pytest.mark.xfail(strict=True, reason="fast_path_line says 'no BatchNorm to fold' whenever none was folded, also "
                    "for a prefix full of BatchNorms it left as they were (timm's BatchNormAct2d, a refused fold)")
 def test_the_fast_path_line_names_batch_norms_left_unfolded(zoo):
@@ -192,7 +187,7 @@ def stepped(case, model, strategy_name: str, fast: bool, x, y) -> tuple[nn.Modul
 
 
 @pytest.mark.parametrize("strategy", ["frozen", "partial:1", "probe"])
-@pytest.mark.parametrize("case", TRAINED, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", params(TRAINED))
 def test_a_fast_step_trains_like_the_reference_step(zoo, case, strategy):
     base, structure = zoo(case)
     x, y = images(case, n=4), torch.tensor([0, 1, 1, 0])
@@ -226,10 +221,9 @@ def bn_stats(modules) -> dict[int, list[torch.Tensor]]:
 
 def bn_cells():
     for case in WITH_BN:
-        stages = len(build_units(case)) - 1
-        for strategy in ("frozen", "partial:1", f"partial:{stages - 1}"):
+        for strategy in ("frozen", "partial:1", f"partial:{case.units() - 2}"):  # the stem and all but one stage
             for fast in (True, False):
-                yield pytest.param(case, strategy, fast, id=f"{case.id}-{strategy}-{'fast' if fast else 'plain'}")
+                yield pytest.param(case, strategy, fast, marks=case.marks, id=f"{case.id}-{strategy}-{'fast' if fast else 'plain'}")
 
 
 @pytest.mark.parametrize("case, strategy_name, fast", list(bn_cells()))
@@ -279,7 +273,7 @@ def cli_cells():
                     quick = (case, strategy, loader) in ((CONVNEXT, "frozen", "torch"), (VIT, "probe", "cached"))
                 else:
                     quick = loader == ("torch", "cached")[(i + TRAINED.index(case)) % 2]
-                marks = [] if quick else [pytest.mark.slow]
+                marks = case.marks + ([] if quick else [pytest.mark.slow])
                 if loader == "dali":
                     marks.append(pytest.mark.skipif(not dali_available(), reason="no DALI"))
                 yield pytest.param(case, strategy, loader, marks=marks, id=f"{case.id}-{strategy}-{loader}")
