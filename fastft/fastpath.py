@@ -37,9 +37,9 @@ from torch import nn
 
 from fastft.models.base import Structure, set_submodule
 
-# A folded prefix must equal the unfolded one to within fp32 rounding (relative to the output's
-# scale); more means a pair was not what its names said, and the prefix stays unfolded.
-FOLD_CHECK_RTOL = 1e-4
+# In fp64 a folded prefix equals the unfolded one to ~1e-12 of the output's scale; more means a
+# pair was not what its names said, and the prefix stays unfolded.
+FOLD_CHECK_RTOL = 1e-6
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -185,22 +185,26 @@ def _probe_input(model: nn.Module, structure: Structure) -> torch.Tensor:
 
 
 def checked_fold(prefix: nn.Module, x: torch.Tensor) -> int:
-    """fold_all_bn on a copy of `prefix`, adopted only if its output on `x` equals the unfolded
-    one to FOLD_CHECK_RTOL of the output's scale; returns the BatchNorms folded (0: left as is,
-    also when the prefix does not take `x`). `prefix` must be in eval mode."""
+    """fold_all_bn on a copy of `prefix`, adopted only if the fold is the same function: an fp64
+    copy folded the same way gives the fp64 unfolded output on `x` to FOLD_CHECK_RTOL of its scale
+    (fp64, so a model that amplifies fp32 rounding cannot make an exact fold look wrong; a fold
+    that paired the wrong modules is off by far more). Returns the BatchNorms folded (0: left as
+    is, also when the prefix does not take `x`). `prefix` must be in eval mode."""
     if not any(type(m) is nn.BatchNorm2d for m in prefix.modules()):
         return 0
-    folded = copy.deepcopy(prefix)
-    count = fold_all_bn(folded)
+    exact, exact_folded = copy.deepcopy(prefix).double(), copy.deepcopy(prefix).double()
+    count = fold_all_bn(exact_folded)
     try:
         with torch.no_grad():
-            reference, out = prefix(x), folded.eval()(x)
+            reference, out = exact(x.double()), exact_folded.eval()(x.double())
     except (RuntimeError, ValueError, AssertionError):  # an input size the model refuses
         return 0
     if not count or (out - reference).abs().max() > FOLD_CHECK_RTOL * reference.abs().max().clamp(min=1):
         return 0
+    folded = copy.deepcopy(prefix)
+    fold_all_bn(folded)  # in the prefix's own dtype, from its own weights
     for name, child in folded.named_children():
-        setattr(prefix, name, child)
+        setattr(prefix, name, child.eval())
     return count
 
 

@@ -116,8 +116,10 @@ def fast_path_line(model_name: str, structure: Structure, frozen: int, forward: 
     if forward.prefix is None:
         return (f"fast path: {model_name}'s frozen {names} run inside the model without autograd (no split: "
                 f"the family describes no forward sequence, so no BatchNorm folding)")
-    folded = (f"{forward.folded} BatchNorm(s) folded into their convolutions" if forward.folded
-              else "no BatchNorm to fold")
+    left = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in forward.prefix.modules())
+    folded = (f"{forward.folded} BatchNorm(s) folded into their convolutions" if forward.folded else
+              "its BatchNorms left unfolded (no plain conv + BatchNorm2d pair, or the fold check refused)"
+              if left else "no BatchNorm to fold")
     kept = "; test features computed once and kept" if forward.cache is not None else ""
     return f"fast path: frozen {names} run apart in inference mode without autograd, {folded}{kept}"
 
