@@ -89,9 +89,7 @@ class Trainer:
         self.reporter.say(f"run folder: {self.run_dir}")  # first, so a stopped run can be found
         for line in [*warnings, *cache_notes()]:
             self.reporter.warn(line)
-        self.strategy = get_strategy(self.cfg.strategy)  # a typo fails before any data work
-        self.spec = get_spec(self.cfg.model)  # an unknown name too; then the model's own input size
-        self.cfg.image_size = self.cfg.image_size or self.spec.preprocessing().image_size
+        self._choose_model()  # a typo in the strategy or model fails before any data work
         self.peak_reset = reset_peak_memory(self.rt.device)  # False: the peak covers earlier runs too
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
@@ -110,6 +108,12 @@ class Trainer:
         self.reporter.keep_metrics_up_to(self.start_epoch)  # a fresh run in a used folder: a fresh log
         self.reporter.write_config({**self.cfg.to_dict(), "resolved": self._resolved()})
         return self
+
+    def _choose_model(self) -> None:
+        """The strategy and the model by name; --image-size 0 becomes the model's own size."""
+        self.strategy = get_strategy(self.cfg.strategy)
+        self.spec = get_spec(self.cfg.model)
+        self.cfg.image_size = self.cfg.image_size or self.spec.preprocessing().image_size
 
     def _set_cudnn_benchmark(self) -> None:
         """Set for every run (a bench process runs several): on where all train steps share a shape."""

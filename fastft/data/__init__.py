@@ -118,15 +118,8 @@ def build_loaders(cfg: TrainConfig, layout, rt, preprocessing: Preprocessing | N
     `bn_downsample`: as min_train_batch's `downsample` (Strategy.bn_downsample gives it)."""
     from fastft.models.base import DEFAULT_PREPROCESSING
     prep = (preprocessing or DEFAULT_PREPROCESSING).at_size(cfg.image_size)
-    from fastft.config import batch_split_problem
-    split_problem = batch_split_problem(cfg.batch_size, rt.world_size)  # the CLI says it before torch loads
-    if split_problem:
-        raise ConfigError(split_problem)
+    _check_split(cfg, layout, rt)
     batch_per_rank = cfg.batch_size // rt.world_size
-    check_train_split(len(layout.files["train"]), rt.world_size)
-    if cfg.loader == "dali" and not dali_available():
-        raise ConfigError("--loader dali: nvidia.dali does not import here; "
-                          "pip install nvidia-dali-cuda120, or use --loader torch")
     plan = _cached_plan(cfg, layout, rt) if cfg.loader in ("cached", "auto") else None
     synced = rt.world_size if cfg.sync_bn and rt.distributed else 1
     min_batch = min_train_batch(cfg, synced, bn_downsample)  # a smaller ragged last batch is dropped (not DALI's: it drops all)
@@ -151,6 +144,19 @@ def build_loaders(cfg: TrainConfig, layout, rt, preprocessing: Preprocessing | N
                                preprocessing=prep)
     check_batch_norm(cfg, loaders.train_batch_sizes(), synced, batch_per_rank, bn_downsample)
     return _auto_noted(loaders, plan) if cfg.loader == "auto" else loaders
+
+
+def _check_split(cfg: TrainConfig, layout, rt) -> None:
+    """One line (ConfigError) for a batch that does not divide over the processes, a train split
+    smaller than the processes, or --loader dali where DALI does not import."""
+    from fastft.config import batch_split_problem
+    split_problem = batch_split_problem(cfg.batch_size, rt.world_size)  # the CLI says it before torch loads
+    if split_problem:
+        raise ConfigError(split_problem)
+    check_train_split(len(layout.files["train"]), rt.world_size)
+    if cfg.loader == "dali" and not dali_available():
+        raise ConfigError("--loader dali: nvidia.dali does not import here; "
+                          "pip install nvidia-dali-cuda120, or use --loader torch")
 
 
 def _cached_plan(cfg: TrainConfig, layout, rt):
