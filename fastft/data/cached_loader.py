@@ -83,6 +83,8 @@ class CachedLoaders:
     """Train and test batches made on rt.device from images decoded once; see the module doc."""
 
     name = "cached"
+    # On a CPU, crop batch k+1 on a worker thread during step k (_one_ahead); False: in the loop.
+    crop_ahead = True
 
     def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, rt, seed: int, *,
                  plan: CachePlan, max_side: int = 0, drop_ragged: bool = False, progress: bool = False,
@@ -245,15 +247,21 @@ class CachedLoaders:
         return torch.from_numpy(rows).to(self.rt.device)
 
     def _train_pass(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from fastft_kernels import resized_crop_normalize
         rows = self.epoch_plan(epoch)
-        for start in range(0, len(rows), self.batch):
-            step = rows[start: start + self.batch]
-            index = step[:, 0].contiguous()
-            with _one_cpu_thread(self.rt.device):
-                x = resized_crop_normalize(self.images, index, step[:, 1:5].float(), step[:, 5].bool(),
-                                           self.size, IMAGENET_MEAN, IMAGENET_STD, self.dtype)
-            yield (x if self.rt.channels_last else x.contiguous()), self.labels[index]
+        steps = [rows[start: start + self.batch] for start in range(0, len(rows), self.batch)]
+        if self.rt.device.type != "cpu" or not self.crop_ahead:  # CUDA: the kernel runs async already
+            yield from map(self._crop, steps)
+            return
+        yield from _one_ahead(self._crop, steps)
+
+    def _crop(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One train batch from its epoch_plan rows (B, 6)."""
+        from fastft_kernels import resized_crop_normalize
+        index = step[:, 0].contiguous()
+        with _one_cpu_thread(self.rt.device):
+            x = resized_crop_normalize(self.images, index, step[:, 1:5].float(), step[:, 5].bool(),
+                                       self.size, IMAGENET_MEAN, IMAGENET_STD, self.dtype)
+        return (x if self.rt.channels_last else x.contiguous()), self.labels[index]
 
     def describe(self) -> list[str]:
         p, s = self.plan, self.cache_stats()
@@ -287,6 +295,22 @@ class CachedLoaders:
 
     def load_state_dict(self, state) -> None:
         """Nothing to restore (a state saved by another loader is ignored: the streams are pure)."""
+
+
+def _one_ahead(make: Callable, items: list) -> Iterator:
+    """make(item) for each item, in order, the next one made on a worker thread while the caller
+    works on the current one (a CPU train step: the crop of batch k+1 runs during step k's
+    Python and memory stalls). The same results as map(make, items); an error in make is raised
+    where its result is due; a pass left early waits for the one make in flight."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastft-crop") as pool:
+        pending = pool.submit(make, items[0])
+        for item in items[1:]:
+            done = pending.result()
+            pending = pool.submit(make, item)
+            yield done
+        yield pending.result()
 
 
 @contextmanager
