@@ -249,7 +249,7 @@ class CachedLoaders:
     def _train_pass(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         rows = self.epoch_plan(epoch)
         steps = [rows[start: start + self.batch] for start in range(0, len(rows), self.batch)]
-        if self.rt.device.type != "cpu" or not self.crop_ahead:  # CUDA: the kernel runs async already
+        if not self._crops_ahead():  # CUDA: the kernel runs async already
             yield from map(self._crop, steps)
             return
         yield from _one_ahead(self._crop, steps)
@@ -278,8 +278,13 @@ class CachedLoaders:
         lines.append(f"cached train: {self.steps} steps of {self.batch} per process, "
                      + (f"dropping the ragged last {dropped} images per epoch ({self.ragged_reason})"
                         if dropped else "the ragged last batch kept" if len(self.sampler) % self.batch
-                        else "no ragged batch"))
+                        else "no ragged batch")
+                     + ("; each batch cropped during the step before, on a worker thread"
+                        if self._crops_ahead() else ""))
         return lines
+
+    def _crops_ahead(self) -> bool:
+        return self.rt.device.type == "cpu" and self.crop_ahead
 
     def cache_stats(self) -> dict:
         """For summary.json: the cache's size (MB) and the first pass's decode time (s)."""
