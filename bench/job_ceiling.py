@@ -4,8 +4,8 @@
     python bench/job_ceiling.py --data /tmp/job                      # finetune and frozen, 3 repeats
     python bench/job_ceiling.py --data /tmp/job --reference --json job.json   # + the d2l-style runs
     python bench/job_ceiling.py --data /tmp/job --timm train.py      # + timm's train.py (finetune)
-    python bench/job_ceiling.py --data /tmp/job --crop-inline        # + each job with the cached
-                                      # loader's CPU crops in the loop (before they ran one batch ahead)
+    python bench/job_ceiling.py --data /tmp/job --crop-ahead         # + each job with the cached
+                                      # loader's CPU crops made one batch ahead on a worker thread
 
 timm's train.py is the script at the top of github.com/huggingface/pytorch-image-models (not in
 the pip package; `pip install timm` for the library it imports).
@@ -66,8 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference", action="store_true", help="also run each job with the REFERENCE settings")
     p.add_argument("--with-teardown", action="store_true",
                    help="also run each job through main(argv), which exits normally (the teardown kept)")
-    p.add_argument("--crop-inline", action="store_true",
-                   help="also run each job with the cached loader's CPU crops in the loop, not one batch ahead")
+    p.add_argument("--crop-ahead", action="store_true",
+                   help="also run each job with the cached loader's CPU crops one batch ahead, on a worker thread")
     p.add_argument("--timm", type=Path, metavar="TRAIN_PY",
                    help="also run the finetune job with timm's train.py (fp32, channels_last, 2 workers)")
     p.add_argument("--extra", default="", help="more `fastft train` flags for the fastft runs")
@@ -146,11 +146,11 @@ def ideal_seconds(strategy: str, ceiling: dict, import_s: float, train: int, tes
 
 # `fastft train` through main(argv): the CLI's fast exit is for the program only, so this one tears down.
 WITH_TEARDOWN = ["-c", "import sys; from fastft.cli import main; sys.exit(main(sys.argv[1:]))"]
-# `fastft train` as the program runs it (the same fast exit), the cached loader's CPU crops made in
-# the loop as before fastft.data.cached_loader._one_ahead: --crop-inline's comparison.
-CROP_INLINE = ["-c", "import sys; from fastft.data.cached_loader import CachedLoaders; "
-               "CachedLoaders.crop_ahead = False; from fastft.cli import exit_without_teardown, main; "
-               "exit_without_teardown(main(sys.argv[1:]))"]
+# `fastft train` as the program runs it (the same fast exit), the cached loader's CPU crops made one
+# batch ahead on a worker thread (fastft.data.cached_loader._one_ahead): --crop-ahead's comparison.
+CROP_AHEAD = ["-c", "import sys; from fastft.data.cached_loader import CachedLoaders; "
+              "CachedLoaders.crop_ahead = True; from fastft.cli import exit_without_teardown, main; "
+              "exit_without_teardown(main(sys.argv[1:]))"]
 
 
 def timed_process(cmd: list[str], **kwargs) -> tuple[float, float]:
@@ -212,12 +212,12 @@ def one_repeat(args, repeat: int, jobs: list[str], work: Path, train: int, test:
             run["vs_timm"], run["vs_timm_cpu"] = run["timm_wall_s"] / run["wall_s"], run["timm_cpu_s"] / run["cpu_s"]
         result["jobs"][strategy] = run
         print(f"repeat {repeat + 1}: {strategy} {_job_text(run)}", flush=True)
-        if args.crop_inline:
-            inline = run_job(args, strategy, work / f"{strategy}-inline-{repeat}", args.extra.split(), CROP_INLINE)
-            run["crop_inline_wall_s"], run["crop_inline_phases_s"] = inline["wall_s"], inline["phases_s"]
-            print(f"repeat {repeat + 1}: {strategy} with the crops in the loop {inline['wall_s']:.1f} s "
-                  f"(efficiency {run['ideal_s'] / inline['wall_s']:.2f}); train {inline['phases_s']['train']:.1f}",
-                  flush=True)
+        if args.crop_ahead:
+            ahead = run_job(args, strategy, work / f"{strategy}-ahead-{repeat}", args.extra.split(), CROP_AHEAD)
+            run["crop_ahead_wall_s"], run["crop_ahead_phases_s"] = ahead["wall_s"], ahead["phases_s"]
+            print(f"repeat {repeat + 1}: {strategy} with the crops one batch ahead {ahead['wall_s']:.1f} s "
+                  f"(efficiency {run['ideal_s'] / ahead['wall_s']:.2f}); train {ahead['phases_s']['train']:.1f} "
+                  f"(in the loop: {run['phases_s']['train']:.1f})", flush=True)
         if args.with_teardown:
             kept = run_job(args, strategy, work / f"{strategy}-teardown-{repeat}", args.extra.split(),
                            WITH_TEARDOWN)

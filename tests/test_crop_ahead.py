@@ -1,5 +1,6 @@
-"""The cached loader's CPU train pass crops batch k+1 on a worker thread while step k runs: the same
-batches in the same order, errors where their batch is due, an early stop that waits for its worker."""
+"""The cached loader's CPU train pass with crop_ahead crops batch k+1 on a worker thread while step k
+runs: the same batches in the same order, errors where their batch is due, an early stop that waits
+for its worker."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import threading
 import pytest
 import torch
 
-from fastft.data import cached_loader
 from fastft.data.cached_loader import CachedLoaders, _one_ahead, plan_cache
 from fastft.data.layout import scan_dataset
 from fastft.runtime import Runtime
@@ -72,13 +72,13 @@ def test_the_cached_train_pass_is_the_same_with_and_without_the_worker(tiny_data
     calls = []
     crop = loaders._crop
     monkeypatch.setattr(loaders, "_crop", lambda step: calls.append(threading.current_thread().name) or crop(step))
-    assert loaders.crop_ahead
+    assert not loaders.crop_ahead  # off by default (see CachedLoaders.crop_ahead)
+    monkeypatch.setattr(loaders, "crop_ahead", True)
     ahead = list(loaders.train_batches(1))
     assert torch.get_num_threads() == threads  # the worker's one-thread crop leaves the step's count
     assert len(calls) == loaders.steps_per_epoch() == 5 and all(n.startswith("fastft-crop") for n in calls)
     monkeypatch.setattr(loaders, "crop_ahead", False)
     inline = list(loaders.train_batches(1))
-    assert len(inline) == len(ahead) == 5
+    assert len(inline) == len(ahead) == 5 and len(calls) == 10 and not any(n.startswith("fastft-crop") for n in calls[5:])
     for (xa, ya), (xi, yi) in zip(ahead, inline):
         assert torch.equal(xa, xi) and torch.equal(ya, yi) and xa.dtype == torch.bfloat16
-    assert cached_loader.CachedLoaders.crop_ahead is True

@@ -32,16 +32,16 @@ def test_timed_process_counts_the_child_cpu_and_not_a_sleep(jc):
     assert busy >= 0.3 and busy_cpu >= 0.3          # a busy one costs both
 
 
-def test_crop_inline_runs_the_cli_with_the_crops_in_the_loop(jc, tiny_data, tmp_path):
-    """--crop-inline's launcher: the same job as `python -m fastft train`, but the cached loader says
-    (and does) its CPU crops in the loop; the plain CLI crops one batch ahead."""
+def test_crop_ahead_runs_the_cli_with_the_crops_one_batch_ahead(jc, tiny_data, tmp_path):
+    """--crop-ahead's launcher: the same job as `python -m fastft train`, but the cached loader says
+    (and does) its CPU crops one batch ahead; the plain CLI crops in the loop."""
     import subprocess
     args = ["train", "--data", str(tiny_data), "--weights", "none", "--image-size", "32", "--batch-size", "8",
             "--epochs", "1", "--device", "cpu", "--amp", "off", "--no-compile", "--loader", "cached"]
-    inline = subprocess.run([sys.executable, *jc.CROP_INLINE, *args, "--out", str(tmp_path / "inline")],
-                            capture_output=True, text=True, check=True)
-    ahead = subprocess.run([sys.executable, "-m", "fastft", *args, "--out", str(tmp_path / "ahead")],
+    ahead = subprocess.run([sys.executable, *jc.CROP_AHEAD, *args, "--out", str(tmp_path / "ahead")],
                            capture_output=True, text=True, check=True)
+    inline = subprocess.run([sys.executable, "-m", "fastft", *args, "--out", str(tmp_path / "inline")],
+                            capture_output=True, text=True, check=True)
     crop_line = [line for line in ahead.stdout.splitlines() if line.startswith("cached train:")]
     assert len(crop_line) == 1 and crop_line[0].endswith("cropped during the step before, on a worker thread")
     inline_line = [line for line in inline.stdout.splitlines() if line.startswith("cached train:")]

@@ -83,8 +83,10 @@ class CachedLoaders:
     """Train and test batches made on rt.device from images decoded once; see the module doc."""
 
     name = "cached"
-    # On a CPU, crop batch k+1 on a worker thread during step k (_one_ahead); False: in the loop.
-    crop_ahead = True
+    # True: on a CPU, crop batch k+1 on a worker thread during step k (_one_ahead). Off by default:
+    # the step's OpenMP team already uses every core, so the worker steals from it; on a shared
+    # 2-core machine (load 3-5) no gain was measurable. bench/job_ceiling.py --crop-ahead compares.
+    crop_ahead = False
 
     def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, rt, seed: int, *,
                  plan: CachePlan, max_side: int = 0, drop_ragged: bool = False, progress: bool = False,
@@ -304,8 +306,7 @@ class CachedLoaders:
 
 def _one_ahead(make: Callable, items: list) -> Iterator:
     """make(item) for each item, in order, the next one made on a worker thread while the caller
-    works on the current one (a CPU train step: the crop of batch k+1 runs during step k's
-    Python and memory stalls). The same results as map(make, items); an error in make is raised
+    works on the current one (a CPU train step: the crop of batch k+1 runs during step k). The same results as map(make, items); an error in make is raised
     where its result is due; a pass left early waits for the one make in flight."""
     if not items:
         return
