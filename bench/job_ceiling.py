@@ -5,6 +5,8 @@
     python bench/job_ceiling.py --data /tmp/job --reference --json job.json   # + the d2l-style runs
     python bench/job_ceiling.py --data /tmp/job --timm train.py      # + timm's train.py (finetune)
     python bench/job_ceiling.py --data /tmp/job --model efficientnet_b0 --reference   # another backbone
+    python bench/job_ceiling.py --data /tmp/job --crop-ahead         # + each job with the cached
+                                      # loader's CPU crops made one batch ahead on a worker thread
 
 timm's train.py is the script at the top of github.com/huggingface/pytorch-image-models (not in
 the pip package, nor in its sdist; `pip install timm` for the library it imports). It trains
@@ -76,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reference-jobs", default="", help="with --reference: only these jobs (default: all)")
     p.add_argument("--with-teardown", action="store_true",
                    help="also run each job through main(argv), which exits normally (the teardown kept)")
+    p.add_argument("--crop-ahead", action="store_true",
+                   help="also run each job with the cached loader's CPU crops one batch ahead, on a worker thread")
     p.add_argument("--timm", type=Path, metavar="TRAIN_PY",
                    help="also run the finetune job with timm's train.py (fp32, channels_last, 2 workers)")
     p.add_argument("--extra", default="", help="more `fastft train` flags for the fastft runs")
@@ -203,6 +207,11 @@ def ideal_seconds(strategy: str, ceiling: dict, import_s: float, train: int, tes
 
 # `fastft train` through main(argv): the CLI's fast exit is for the program only, so this one tears down.
 WITH_TEARDOWN = ["-c", "import sys; from fastft.cli import main; sys.exit(main(sys.argv[1:]))"]
+# `fastft train` as the program runs it (the same fast exit), the cached loader's CPU crops made one
+# batch ahead on a worker thread (fastft.data.cached_loader._one_ahead): --crop-ahead's comparison.
+CROP_AHEAD = ["-c", "import sys; from fastft.data.cached_loader import CachedLoaders; "
+              "CachedLoaders.crop_ahead = True; from fastft.cli import exit_without_teardown, main; "
+              "exit_without_teardown(main(sys.argv[1:]))"]
 
 
 def timed_process(cmd: list[str], **kwargs) -> tuple[float, float]:
@@ -289,6 +298,12 @@ def one_repeat(args, repeat: int, jobs: list[str], work: Path, train: int, test:
             add_timm_run(args, run, work / f"timm-{repeat}")
         result["jobs"][strategy] = run
         print(f"repeat {repeat + 1}: {strategy} {_job_text(run)}", flush=True)
+        if args.crop_ahead:
+            ahead = run_job(args, strategy, work / f"{strategy}-ahead-{repeat}", args.extra.split(), CROP_AHEAD)
+            run["crop_ahead_wall_s"], run["crop_ahead_phases_s"] = ahead["wall_s"], ahead["phases_s"]
+            print(f"repeat {repeat + 1}: {strategy} with the crops one batch ahead {ahead['wall_s']:.1f} s "
+                  f"(efficiency {run['ideal_s'] / ahead['wall_s']:.2f}); train {ahead['phases_s']['train']:.1f} "
+                  f"(in the loop: {run['phases_s']['train']:.1f})", flush=True)
         if args.with_teardown:
             kept = run_job(args, strategy, work / f"{strategy}-teardown-{repeat}", args.extra.split(),
                            WITH_TEARDOWN)

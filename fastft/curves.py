@@ -7,8 +7,10 @@ A run's figure is the chapter's (d2l.ai 13.2, `train_ch13` drawn by d2l's `Anima
 epoch, the lines "train loss", "train acc" and "test acc", with the loss on a twin axis that
 only departs from the accuracies' 0-1 scale when the loss exceeds 1 (see run_figure). The
 Reporter redraws it from `metrics.jsonl` after an epoch when that is cheap against the epoch
-(~0.1 s a draw; report.CURVES_SHARE), and always at the run's end. `fastft plot` draws one
-panel per metric, one line per run, labelled by strategy.
+(~0.1 s a draw; report.CURVES_SHARE), and always after the last epoch and at the run's end,
+on a CurvesThread: matplotlib's import and the draw (~0.3 s on 2 cores) overlap the last
+checkpoint's write instead of following it. `fastft plot` draws one panel per metric, one line
+per run, labelled by strategy.
 
 matplotlib is optional and imported on first use; only its object API is used (a Figure on
 the Agg canvas), never pyplot, so no global backend or figure list is touched. Without it,
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from fastft.errors import CheckpointError, ConfigError
@@ -219,3 +223,58 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     fmt = image_format(out, "--out")
     figure = overlay_figure(list(zip(run_labels(run_dirs), records)))
     return save_png(figure, out, fmt)
+
+
+class CurvesThread:
+    """Runs `draw()` (a run's curves.png from its metrics.jsonl) on a background thread, so the
+    run goes on, or writes its last checkpoint, while matplotlib imports and draws.
+
+    request() asks for a draw and returns at once. Draws never overlap, and requests made while
+    one runs are served by ONE draw after it: the draw reads metrics.jsonl when it starts, so it
+    holds every epoch logged before any of those requests, and the figure on disk only moves
+    forward. wait() blocks until no draw is asked for or running, then raises the first error a
+    draw raised since the last wait (MatplotlibMissing, WriteError, anything else as raised), once;
+    raise_error() does the same without waiting, for errors of draws already done.
+    The thread is not a daemon: a process that ends while a draw runs lets it land first (the
+    file is replaced atomically either way: a killed draw leaves the last whole figure).
+    """
+
+    def __init__(self, draw: Callable[[], None]):
+        self._draw = draw
+        self._cond = threading.Condition()
+        self._wanted = False  # a draw asked for and not yet started
+        self._thread: threading.Thread | None = None  # set while the thread has work or is starting
+        self._error: BaseException | None = None
+
+    def request(self) -> None:
+        with self._cond:
+            self._wanted = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="fastft-curves", daemon=False)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._wanted:  # said under the lock: a later request starts a new thread
+                    self._thread = None
+                    self._cond.notify_all()
+                    return
+                self._wanted = False
+            try:
+                self._draw()
+            except BaseException as exc:  # handed to the run's thread by wait() / raise_error()
+                with self._cond:
+                    self._error = self._error or exc
+
+    def wait(self) -> None:
+        with self._cond:
+            while self._thread is not None:
+                self._cond.wait()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        with self._cond:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error

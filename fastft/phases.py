@@ -17,7 +17,8 @@ The phases (seconds, summary.json `phases_s`):
   train         the train epochs' wall time (loading + steps), less first_decode's wait and compile;
   eval          Trainer.evaluate() calls, the frozen test-feature fill included;
   checkpoints   Trainer.save_checkpoint() calls;
-  other         the rest: model build and weights, optimizer, run-folder files, the summary.
+  other         the rest: model build and weights, optimizer, run-folder files, the summary,
+                and the run's end waiting for curves.png's background draw (report.Reporter.close).
 Every named phase is measured with time.perf_counter around its own work, on the host only
 (no device sync of its own: the engine's epoch already ends in one); `other` is the
 remainder, so the phases add up to job_s exactly.

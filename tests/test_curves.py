@@ -165,16 +165,18 @@ def test_short_epochs_draw_once_at_the_end(tmp_path, monkeypatch):
     draws = []
     monkeypatch.setattr(report, "write_run_curves", lambda run_dir, title, epochs: draws.append(run_dir))
     reporter = report.Reporter(tmp_path, enabled=True)
-    reporter.write_config({"strategy": "frozen", "epochs": 3})
+    reporter.write_config({"strategy": "frozen", "epochs": 4})  # epoch 4, the last, always draws
     record = {"epoch": 1, "train_loss": 0.5, "train_acc": 0.5, "test_acc": 0.5}
     reporter.drawn_at -= 10.0            # a 10 s epoch: the first draw's 1.0 s guess is 10% of it
     reporter.append_metrics(record)
     reporter.append_metrics({**record, "epoch": 2})
+    reporter.curves_thread.wait()
     assert draws == []
     reporter.close()
     assert draws == [tmp_path]
-    reporter.drawn_at -= 100.0           # a 100 s epoch after a ~0 s draw: drawn at once
+    reporter.drawn_at -= 100.0           # a 100 s epoch after a ~0 s draw: drawn at once (on the thread)
     reporter.append_metrics({**record, "epoch": 3})
+    reporter.curves_thread.wait()
     assert draws == [tmp_path, tmp_path]
     reporter.close()                     # nothing new since: no second end-of-run draw
     assert len(draws) == 2

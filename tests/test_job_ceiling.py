@@ -111,3 +111,20 @@ def test_timm_gets_a_fixed_size_models_size_and_a_failed_train_py_is_a_note(jc, 
     run = {"wall_s": 10.0, "cpu_s": 10.0}
     jc.add_timm_run(jc.parse_args(["--data", "d", "--model", "vit_b_16", "--timm", "t.py"]), run, tmp_path)
     assert run["timm_note"] == "failed: timm's train.py exited 2 (its stderr is not kept)" and "vs_timm" not in run
+
+
+def test_crop_ahead_runs_the_cli_with_the_crops_one_batch_ahead(jc, tiny_data, tmp_path):
+    """--crop-ahead's launcher: the same job as `python -m fastft train`, but the cached loader says
+    (and does) its CPU crops one batch ahead; the plain CLI crops in the loop."""
+    import subprocess
+    args = ["train", "--data", str(tiny_data), "--weights", "none", "--image-size", "32", "--batch-size", "8",
+            "--epochs", "1", "--device", "cpu", "--amp", "off", "--no-compile", "--loader", "cached"]
+    ahead = subprocess.run([sys.executable, *jc.CROP_AHEAD, *args, "--out", str(tmp_path / "ahead")],
+                           capture_output=True, text=True, check=True)
+    inline = subprocess.run([sys.executable, "-m", "fastft", *args, "--out", str(tmp_path / "inline")],
+                            capture_output=True, text=True, check=True)
+    crop_line = [line for line in ahead.stdout.splitlines() if line.startswith("cached train:")]
+    assert len(crop_line) == 1 and crop_line[0].endswith("cropped during the step before, on a worker thread")
+    inline_line = [line for line in inline.stdout.splitlines() if line.startswith("cached train:")]
+    assert len(inline_line) == 1 and "worker thread" not in inline_line[0]
+    assert (tmp_path / "inline" / "summary.json").is_file() and (tmp_path / "ahead" / "summary.json").is_file()

@@ -88,6 +88,10 @@ class CachedLoaders:
     """Train and test batches made on rt.device from images decoded once; see the module doc."""
 
     name = "cached"
+    # True: on a CPU, crop batch k+1 on a worker thread during step k (_one_ahead). Off by default:
+    # the step's OpenMP team already uses every core, so the worker steals from it; on a shared
+    # 2-core machine (load 3-5) no gain was measurable. bench/job_ceiling.py --crop-ahead compares.
+    crop_ahead = False
 
     def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, rt, seed: int, *,
                  plan: CachePlan, max_side: int = 0, drop_ragged: bool = False, progress: bool = False,
@@ -252,15 +256,21 @@ class CachedLoaders:
         return torch.from_numpy(rows).to(self.rt.device)
 
     def _train_pass(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        rows = self.epoch_plan(epoch)
+        steps = [rows[start: start + self.batch] for start in range(0, len(rows), self.batch)]
+        if not self._crops_ahead():  # CUDA: the kernel runs async already
+            yield from map(self._crop, steps)
+            return
+        yield from _one_ahead(self._crop, steps)
+
+    def _crop(self, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One train batch from its epoch_plan rows (B, 6), with the model's mean, std and filter."""
         from fastft_kernels import resized_crop_normalize
-        rows, p = self.epoch_plan(epoch), self.prep
-        for start in range(0, len(rows), self.batch):
-            step = rows[start: start + self.batch]
-            index = step[:, 0].contiguous()
-            with _one_cpu_thread(self.rt.device):
-                x = resized_crop_normalize(self.images, index, step[:, 1:5].float(), step[:, 5].bool(),
-                                           self.size, p.mean, p.std, self.dtype, interpolation=p.interpolation)
-            yield (x if self.rt.channels_last else x.contiguous()), self.labels[index]
+        index, p = step[:, 0].contiguous(), self.prep
+        with _one_cpu_thread(self.rt.device):
+            x = resized_crop_normalize(self.images, index, step[:, 1:5].float(), step[:, 5].bool(),
+                                       self.size, p.mean, p.std, self.dtype, interpolation=p.interpolation)
+        return (x if self.rt.channels_last else x.contiguous()), self.labels[index]
 
     def describe(self) -> list[str]:
         p, s = self.plan, self.cache_stats()
@@ -277,8 +287,13 @@ class CachedLoaders:
         lines.append(f"cached train: {self.steps} steps of {self.batch} per process, "
                      + (f"dropping the ragged last {dropped} images per epoch ({self.ragged_reason})"
                         if dropped else "the ragged last batch kept" if len(self.sampler) % self.batch
-                        else "no ragged batch"))
+                        else "no ragged batch")
+                     + ("; each batch cropped during the step before, on a worker thread"
+                        if self._crops_ahead() else ""))
         return lines + ([_INEXACT[self.prep.interpolation]] if self.prep.interpolation in _INEXACT else [])
+
+    def _crops_ahead(self) -> bool:
+        return self.rt.device.type == "cpu" and self.crop_ahead
 
     def cache_stats(self) -> dict:
         """For summary.json: the cache's size (MB) and the first pass's decode time (s)."""
@@ -294,6 +309,21 @@ class CachedLoaders:
 
     def load_state_dict(self, state) -> None:
         """Nothing to restore (a state saved by another loader is ignored: the streams are pure)."""
+
+
+def _one_ahead(make: Callable, items: list) -> Iterator:
+    """make(item) for each item, in order, the next one made on a worker thread while the caller
+    works on the current one (a CPU train step: the crop of batch k+1 runs during step k). The same results as map(make, items); an error in make is raised
+    where its result is due; a pass left early waits for the one make in flight."""
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastft-crop") as pool:
+        pending = pool.submit(make, items[0])
+        for item in items[1:]:
+            done = pending.result()
+            pending = pool.submit(make, item)
+            yield done
+        yield pending.result()
 
 
 @contextmanager
