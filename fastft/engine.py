@@ -345,7 +345,7 @@ class Trainer:
     # --- the run -----------------------------------------------------------------------
     def fit(self) -> dict:
         started = time.perf_counter()
-        record, graphs_after_warmup = None, None
+        record, graphs_after_warmup, failed = None, None, True
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
                 record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
@@ -365,10 +365,13 @@ class Trainer:
                     # Written in the background; the last at once: the run would only wait for it.
                     with self.phases.timed("checkpoints"):
                         self.save_checkpoint(epoch + 1, background=epoch + 1 < self.cfg.epochs)
+            failed = False
         finally:  # success, an error or Ctrl-C: the write in flight lands before the run reports
             with self.phases.timed("checkpoints"):  # the last write's wait is the job's too
                 self.checkpoints.wait()
-            self.reporter.close()  # curves.png with every logged epoch; TensorBoard's file closed
+            # curves.png with every logged epoch; TensorBoard's file closed. After a failure (a full
+            # disk) the curves' own error is a warning: it must not replace the one that stopped the run.
+            self.reporter.close(raise_errors=not failed)
         if record is None:
             raise ConfigError(f"{self.run_dir} already finished {self.start_epoch} epochs; "
                               f"pass a larger --epochs to train on")

@@ -191,14 +191,19 @@ class Reporter:
         except MatplotlibMissing as exc:
             self._no_curves(exc)
 
-    def close(self) -> None:
+    def close(self, raise_errors: bool = True) -> None:
         """The run's end, also on an error or Ctrl-C: curves.png drawn with every logged epoch (the
-        background draw waited for; its error raised, as WriteError's one line), TensorBoard's
+        background draw waited for; its error raised, as WriteError's one line, or with
+        `raise_errors` False, as the run stops for another error, said as a warning), TensorBoard's
         events flushed and its file closed."""
         try:
             if self.enabled and self.undrawn:
                 self.draw_curves()
             self.finish_curves()
+        except Exception as exc:
+            if raise_errors:
+                raise
+            self.warn(f"no up-to-date {self.run_dir / CURVES_NAME}: {getattr(exc, 'one_line', lambda: exc)()}")
         finally:
             if self.tensorboard is not None:
                 self.tensorboard.close()
