@@ -227,8 +227,3 @@ def oversized_batch_line(batch_size: int, n_train: int, world_size: int = 1) -> 
     share = "" if world_size <= 1 else f", each of the {world_size} processes taking its share"
     return (f"--batch-size {batch_size} is larger than the train split's {n_train} images: each epoch is one "
             f"step (one update) over all {n_train}{share}")
-
-
-def eval_resize_px(image_size: int) -> int:
-    """The chapter resizes test images to 256x256 before a 224 centre crop; keep that ratio."""
-    return round(image_size * 256 / 224)

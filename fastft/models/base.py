@@ -106,17 +106,6 @@ class Structure:
         """Stages after the stem: the largest K of partial:K."""
         return len(self.units) - 1
 
-    def has_batch_norm(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for u in self.units for m in _walk(u.modules))
-
-
-def _walk(modules: list[nn.Module]):
-    for module in modules:
-        yield from module.modules()
-
-
-def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
 
 
 def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from fastft.errors import ConfigError
 from fastft.models.base import Family, Structure, Unit
+from fastft.models.resnet import _sequence
 
 STAGES = 4
 
@@ -78,9 +79,8 @@ class ViTFamily(Family):
         tail = [ViTTail(model)]
         head_index = len(model.heads) - 1
         head = model.heads[head_index]
-        seq = [(i, m) for i, unit in enumerate(units) for m in unit.modules]
-        seq += [(len(units), tail[0]), (len(units) + 1, head)]
-        return Structure(units, tail, f"heads.{list(model.heads._modules)[head_index]}", head, seq,
+        return Structure(units, tail, f"heads.{list(model.heads._modules)[head_index]}", head,
+                         _sequence(units, tail, head),
                          downsample=model.patch_size)
 
     def build_kwargs(self, image_size: int, pretrained_size: int, patch: int = 16) -> dict:
