@@ -279,10 +279,13 @@ def run_train(args: argparse.Namespace) -> int:
     from fastft.threads import CpuSample
     job_start = process_start(fallback=IMPORTED_AT)  # summary.json's job_s counts from here
     cpu_since = CpuSample.take()  # start-up is the window that reads other processes' load: free
+    given = _given(args)
+    cfg = TrainConfig(**given)
+    from fastft.data import start_decode_ahead
+    ahead = start_decode_ahead(cfg)  # forks now, while no thread exists: torch is not imported yet
     from fastft.engine import train
 
-    given = _given(args)
-    train(TrainConfig(**given), typed=frozenset(given), job_start=job_start, cpu_since=cpu_since)
+    train(cfg, typed=frozenset(given), job_start=job_start, cpu_since=cpu_since, ahead=ahead)
     return 0
 
 

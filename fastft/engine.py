@@ -53,12 +53,13 @@ from fastft.weights import save_run_weights
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None,
-                 cpu_since: CpuSample | None = None):
+                 cpu_since: CpuSample | None = None, ahead=None):
         self.cfg = cfg
         # job_start: the process start (perf_counter scale) from the CLI; None = now (bench, library).
         self.phases = PhaseClock(job_start)
         # Where the window that reads other processes' load starts (fastft.threads); None = setup.
         self.cpu_since = cpu_since
+        self.ahead = ahead  # data.decode_ahead's child (the CLI starts it before torch loads), or None
         self.typed = typed  # options typed on the command line (None: all of cfg), for --resume
         self.start_epoch = 0
         self.timings: list[EpochTiming] = []
@@ -158,8 +159,11 @@ class Trainer:
                                                       len(self.layout.files["test"]))
         self.reporter.say(self.compile_reason)
         self.reporter.say(precision_line(self.cfg.amp, self.rt.amp_name, self.rt.device.type))
-        self.data = build_loaders(self.cfg, self.layout, self.rt, self.preprocessing,
-                                  self.strategy.bn_downsample(self.structure))
+        try:
+            self.data = build_loaders(self.cfg, self.layout, self.rt, self.preprocessing,
+                                      self.strategy.bn_downsample(self.structure), self.ahead)
+        finally:  # reaped before the thread count reads this process's CPU time (children's included)
+            self.close_ahead()
         self.phases.data_ready(self.scan_s + time.perf_counter() - started, getattr(self.data, "decode_s", 0.0))
         self.reporter.say(
             f"data {self.data_dir}: {self.data.train_size} train / {self.data.test_size} test images, "
@@ -169,6 +173,11 @@ class Trainer:
         oversized = oversized_batch_line(self.cfg.batch_size, self.data.train_size, self.rt.world_size)
         if oversized:
             self.reporter.warn(oversized)
+
+    def close_ahead(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+            self.ahead = None
 
     def _setup_model(self, saved: dict | None) -> None:
         self.model, self.structure = build_run_model(self.spec, self.strategy, self.cfg, self.rt,
@@ -462,11 +471,15 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None,
-          cpu_since: CpuSample | None = None) -> dict:
+          cpu_since: CpuSample | None = None, ahead=None) -> dict:
     """One run; `job_start` (perf_counter scale) is where summary.json's job_s counts from;
-    `cpu_since` where the reading of other processes' load starts (fastft.threads)."""
-    trainer = Trainer(cfg, typed, job_start, cpu_since)
-    with guard(trainer):  # out of memory, Ctrl-C, a full disk: one line on what was saved (run_faults)
-        summary = trainer.setup().fit()
+    `cpu_since` where the reading of other processes' load starts (fastft.threads); `ahead` a
+    data.decode_ahead child decoding the images already (closed here whatever happens)."""
+    trainer = Trainer(cfg, typed, job_start, cpu_since, ahead)
+    try:
+        with guard(trainer):  # out of memory, Ctrl-C, a full disk: one line on what was saved (run_faults)
+            summary = trainer.setup().fit()
+    finally:  # an error before the data: the child is stopped and reaped all the same
+        trainer.close_ahead()
     distributed.stop()
     return summary

@@ -36,7 +36,7 @@ class CpuSample:
     """Cumulative CPU seconds at one moment: all processes on `cpus`, and this process alone."""
     at: float      # s, time.monotonic()
     busy: float    # s, non-idle time summed over `cpus` since boot (/proc/stat); 0 if unreadable
-    own: float     # s, this process's user + system time, all its threads (os.times)
+    own: float     # s, this process's user + system time, all its threads and reaped children (os.times)
     readable: bool = True
 
     @classmethod
@@ -48,7 +48,9 @@ class CpuSample:
             busy, readable = _busy_seconds(stat.read_text(), cpus), True
         except (OSError, ValueError, IndexError):
             busy, readable = 0.0, False
-        return cls(time.monotonic(), busy, times.user + times.system, readable)
+        # Reaped children count as this process's own: data.decode_ahead's child decodes for it.
+        own = times.user + times.system + times.children_user + times.children_system
+        return cls(time.monotonic(), busy, own, readable)
 
 
 def _busy_seconds(text: str, cpus: frozenset[int]) -> float:

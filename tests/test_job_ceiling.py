@@ -4,6 +4,7 @@ job runs end to end (marked slow: four processes)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -127,4 +128,7 @@ def test_crop_ahead_runs_the_cli_with_the_crops_one_batch_ahead(jc, tiny_data, t
     assert len(crop_line) == 1 and crop_line[0].endswith("cropped during the step before, on a worker thread")
     inline_line = [line for line in inline.stdout.splitlines() if line.startswith("cached train:")]
     assert len(inline_line) == 1 and "worker thread" not in inline_line[0]
+    # The CLI forks data.decode_ahead's child before torch loads; the loader took its images.
+    decoded = re.search(r"; (\d+) decoded before, by a child process while torch imported", inline.stdout)
+    assert decoded and 1 <= int(decoded.group(1)) <= 36, inline.stdout
     assert (tmp_path / "inline" / "summary.json").is_file() and (tmp_path / "ahead" / "summary.json").is_file()

@@ -8,6 +8,8 @@ torch_loader (PIL + DataLoader, the chapter's reference), dali_loader and cached
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -31,6 +33,37 @@ def resolve_data_dir(cfg: TrainConfig, cache_dir: Path | None = None) -> Path:
         from fastft.data.download import download_hotdog
         return download_hotdog(cache_dir / "hotdog")
     return Path(cfg.data).expanduser()
+
+
+def existing_data_dir(cfg: TrainConfig, cache_dir: Path | None = None) -> Path | None:
+    """resolve_data_dir's folder where it already holds train/ and test/, else None: nothing is
+    generated or downloaded here."""
+    cache_dir = cache_dir or default_cache_dir()
+    if cfg.data == SYNTHETIC:
+        from fastft.data.synth import synthetic_root
+        root = synthetic_root(cache_dir, n_train=cfg.synth_train, n_test=cfg.synth_test)
+    else:
+        root = Path(cfg.data).expanduser() if cfg.data else cache_dir / "hotdog"
+    return root if (root / "train").is_dir() and (root / "test").is_dir() else None
+
+
+def start_decode_ahead(cfg: TrainConfig, cache_dir: Path | None = None):
+    """A DecodeAhead child (data.decode_ahead) decoding the run's images while torch imports, where
+    the images will be decoded by this process on a CPU: --loader cached or auto, --device cpu
+    (or auto on a machine without NVIDIA device files), one process, not --resume (its data is
+    the checkpoint's), the folder already there, and torch not imported yet (fork is safe
+    before its thread pools exist: a library caller that has torch gets None). None otherwise."""
+    if "torch" in sys.modules:
+        return None
+    world = os.environ.get("WORLD_SIZE", "1")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not any(Path("/dev").glob("nvidia[0-9]*")))
+    if cfg.loader not in ("cached", "auto") or not on_cpu or cfg.resume or world not in ("", "1"):
+        return None
+    root = existing_data_dir(cfg, cache_dir)
+    if root is None:
+        return None
+    from fastft.data.decode_ahead import DecodeAhead
+    return DecodeAhead.start(root)
 
 
 def dali_available() -> bool:
@@ -106,7 +139,7 @@ def check_batch_norm(cfg: TrainConfig, batch_sizes: set[int], synced_processes: 
 
 
 def build_loaders(cfg: TrainConfig, layout, rt, preprocessing: Preprocessing | None = None,
-                  bn_downsample: int = 32):
+                  bn_downsample: int = 32, ahead=None):
     """The backend for `--loader` on runtime `rt` (device, AMP dtype, layout, workers, rank);
     `auto` is cached where the decoded set fits its budget (image headers decide, before any
     decode), else DALI whenever it imports, else torch.
@@ -115,7 +148,8 @@ def build_loaders(cfg: TrainConfig, layout, rt, preprocessing: Preprocessing | N
     spec.preprocessing().at_size(cfg.image_size)); every backend resizes, crops and normalises
     with it, taken at cfg.image_size. None: ResNet-18's, DEFAULT_PREPROCESSING (fastft.models
     imports torch, which this module does not, so the default is resolved here).
-    `bn_downsample`: as min_train_batch's `downsample` (Strategy.bn_downsample gives it)."""
+    `bn_downsample`: as min_train_batch's `downsample` (Strategy.bn_downsample gives it).
+    `ahead`: start_decode_ahead's child, whose images the cached loader takes (the caller closes it)."""
     from fastft.models.base import DEFAULT_PREPROCESSING
     prep = (preprocessing or DEFAULT_PREPROCESSING).at_size(cfg.image_size)
     _check_split(cfg, layout, rt)
@@ -130,7 +164,8 @@ def build_loaders(cfg: TrainConfig, layout, rt, preprocessing: Preprocessing | N
         from fastft.data.cached_loader import CachedLoaders
         loaders = CachedLoaders(layout, cfg.image_size, batch_per_rank, rt, cfg.seed, plan=plan,
                                 max_side=cfg.cache_max_side, drop_ragged=rt.compile, progress=rt.is_main,
-                                threads=max(cfg.workers, 0), min_batch=min_batch, preprocessing=prep)
+                                threads=max(cfg.workers, 0), min_batch=min_batch, preprocessing=prep,
+                                ahead=ahead.collect() if ahead is not None else None)
     elif cfg.loader == "dali" or (cfg.loader == "auto" and dali_available()):
         from fastft.data.dali_loader import DaliLoaders, DaliOptions
         # A typed --workers N is DALI's thread count; untyped (-1), DALI's own default.

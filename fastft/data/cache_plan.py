@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from fastft.data.decode_ahead import mem_available
 from fastft.data.formats import size_problem
 from fastft.data.images import decode_problem, open_image, shown_path, whole_jpeg_frame
 from fastft.data.layout import DatasetLayout
@@ -64,23 +65,11 @@ def _budget(device: torch.device, cache_gb: float, processes_here: int) -> tuple
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         return int(CACHE_SHARE * free), f"{CACHE_SHARE:.0%} of {free / MB:.0f} MB free on {device}"
-    free = _mem_available()
+    free = mem_available()
     share = f"{CACHE_SHARE:.0%} of {free / MB:.0f} MB MemAvailable"
     if processes_here > 1:  # processes on one machine share its RAM, each with a full copy
         return int(CACHE_SHARE * free / processes_here), f"{share} / {processes_here} processes"
     return int(CACHE_SHARE * free), share
-
-
-def _mem_available() -> int:
-    """Bytes of RAM available (Linux /proc/meminfo), else os.sysconf's physical pages."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass(frozen=True)

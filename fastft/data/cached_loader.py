@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
@@ -95,10 +96,13 @@ class CachedLoaders:
 
     def __init__(self, layout: DatasetLayout, image_size: int, batch_per_rank: int, rt, seed: int, *,
                  plan: CachePlan, max_side: int = 0, drop_ragged: bool = False, progress: bool = False,
-                 threads: int = 0, min_batch: int = 1, preprocessing: Preprocessing = DEFAULT_PREPROCESSING):
+                 threads: int = 0, min_batch: int = 1, preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
+                 ahead=None):
         """`plan`: from plan_cache, for the same layout and runtime. `preprocessing`: the model's
-        resize, mean, std and interpolation (taken at image_size), ResNet-18's by default. Raises
-        ConfigError when it does not fit, DataError naming a file that does not decode."""
+        resize, mean, std and interpolation (taken at image_size), ResNet-18's by default.
+        `ahead`: a collected data.decode_ahead.DecodeAhead, whose full-size images are taken
+        instead of decoding them again (on a CPU). Raises ConfigError when it does not fit,
+        DataError naming a file that does not decode."""
         if not plan.fits:
             raise plan.too_big(max_side)
         self.classes: Sequence[str] = layout.classes
@@ -117,6 +121,7 @@ class CachedLoaders:
         self.steps = shard // batch_per_rank if self.drop else math.ceil(shard / batch_per_rank)
         self.dtype = rt.amp_dtype or torch.float32
         self._jpeg_decoder = None
+        self.ahead = ahead if rt.device.type == "cpu" else None  # CUDA decodes with nvJPEG
         self._decode_all(layout, progress)
 
     # --- the first pass ---------------------------------------------------------------------
@@ -190,15 +195,24 @@ class CachedLoaders:
                 bar.update(1)
 
     def _cpu(self, path: Path, at_least: tuple[int, int] | None = None) -> torch.Tensor:
-        """load_rgb (PIL, the decoder every loader uses), as uint8 (H, W, 3) on the device."""
-        return torch.from_numpy(np.array(load_rgb(path, at_least))).to(self.rt.device)
+        """load_rgb (PIL, the decoder every loader uses), as uint8 (H, W, 3) on the device; a full
+        size image decoded ahead is taken as it is (store copies it into the cache)."""
+        pixels = self.ahead.image(path) if self.ahead is not None and at_least is None else None
+        if pixels is None:
+            pixels = np.array(load_rgb(path, at_least))
+        return torch.from_numpy(pixels).to(self.rt.device)
+
+    def _pil(self, path: Path) -> Image.Image:
+        """load_rgb(path), or the same pixels decoded ahead, for the eval transform."""
+        pixels = self.ahead.image(path) if self.ahead is not None else None
+        return load_rgb(path) if pixels is None else Image.fromarray(pixels)
 
     def _decode_test(self, files, keep, bar) -> None:
         """keep(i, fp32 (3, S, S)): the chapter's eval transform of this process's test image i."""
         if not self._nvjpeg():  # exactly the torch loader's: PIL resize, then crop
             transform = eval_transform(self.size, preprocessing=self.prep)
             with ThreadPoolExecutor(max_workers=self.threads) as pool:
-                for i, x in enumerate(pool.map(lambda f: transform(load_rgb(f[0])), files)):
+                for i, x in enumerate(pool.map(lambda f: transform(self._pil(f[0])), files)):
                     keep(i, x)
                     bar.update(1)
             return
@@ -278,7 +292,7 @@ class CachedLoaders:
         where = (f"{len(p.train_shapes) + len(p.test_headers) - self.cpu_decoded} with nvJPEG on "
                  f"{self.rt.device} ({self.jpeg_decoder.name}), {self.cpu_decoded} on the CPU (PNG, "
                  f"CMYK, lossless, other formats, refused)"
-                 if self._nvjpeg() else f"PIL in {self.threads} threads")
+                 if self._nvjpeg() else f"PIL in {self.threads} threads" + self._ahead_note())
         lines = [f"cached: decoded once in {self.decode_s:.1f} s ({where}): {self.train_size} train images "
                  f"({side}, {s['cache_train_mb']:.0f} MB) + {len(p.test_headers)} test tensors "
                  f"({s['cache_test_mb']:.0f} MB) on {self.rt.device}, budget {p.budget_bytes / MB:.0f} MB "
@@ -291,6 +305,12 @@ class CachedLoaders:
                      + ("; each batch cropped during the step before, on a worker thread"
                         if self._crops_ahead() else ""))
         return lines + ([_INEXACT[self.prep.interpolation]] if self.prep.interpolation in _INEXACT else [])
+
+    def _ahead_note(self) -> str:
+        if self.ahead is None:
+            return ""
+        return (f"; {self.ahead.decoded} decoded before, by a child process while torch imported "
+                f"({self.ahead.child_cpu_s:.1f} s of its CPU)")
 
     def _crops_ahead(self) -> bool:
         return self.rt.device.type == "cpu" and self.crop_ahead

@@ -269,9 +269,14 @@ def write_synthetic(root: Path, n_train: int = 2000, n_test: int = 800, seed: in
     return root
 
 
+def synthetic_root(cache_dir: Path, n_train: int = 2000, n_test: int = 800, seed: int = 0) -> Path:
+    """Where cached_synthetic keeps that dataset (made or not)."""
+    return Path(cache_dir) / f"synthetic-s{seed}-{n_train}-{n_test}"
+
+
 def cached_synthetic(cache_dir: Path, n_train: int = 2000, n_test: int = 800, seed: int = 0) -> Path:
     """Return the synthetic dataset under `cache_dir`, generating it the first time."""
-    root = Path(cache_dir) / f"synthetic-s{seed}-{n_train}-{n_test}"
+    root = synthetic_root(cache_dir, n_train, n_test, seed)
     if root.is_dir() and any(root.iterdir()):
         return root
     try:
