@@ -128,12 +128,14 @@ class CheckpointWriter:
         except BaseException as exc:  # handed to the training thread by wait()
             self._error = exc
 
-    def wait(self) -> None:
+    def wait(self, raise_error: bool = True) -> None:
+        """Join the write in flight; raise its error, or with `raise_error` False drop it (the run
+        is stopping for another error, and saved_epoch still names the file on disk)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         error, self._error = self._error, None
-        if error is not None:
+        if error is not None and raise_error:
             raise error
 
 

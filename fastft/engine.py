@@ -371,13 +371,16 @@ class Trainer:
                 self.reporter.append_metrics(record)
                 self.reporter.epoch_lines(record, self.cfg.epochs, str(self.rt.device))
                 if self._checkpoint_due(epoch + 1):
-                    # Written in the background; the last at once: the run would only wait for it.
+                    # Written in the background, the last too: model.safetensors is written beside it
+                    # (0.12 -> 0.10 s for ResNet-18 on 2 cores), and the `finally` below waits for it.
                     with self.phases.timed("checkpoints"):
-                        self.save_checkpoint(epoch + 1, background=epoch + 1 < self.cfg.epochs)
-            failed = False
-        finally:  # success, an error or Ctrl-C: the write in flight lands before the run reports
-            with self.phases.timed("checkpoints"):  # the last write's wait is the job's too
+                        self.save_checkpoint(epoch + 1, background=True)
+            with self.phases.timed("checkpoints"):  # the last write's wait is the job's; its error the run's
                 self.checkpoints.wait()
+            failed = False
+        finally:  # an error or Ctrl-C: the write in flight lands before the run reports; the error
+            # that stopped the run is the one said (saved_epoch says which checkpoint is on disk)
+            self.checkpoints.wait(raise_error=not failed)
             # curves.png with every logged epoch; TensorBoard's file closed. After a failure (a full
             # disk) the curves' own error is a warning: it must not replace the one that stopped the run.
             self.reporter.close(raise_errors=not failed)
@@ -414,7 +417,8 @@ class Trainer:
 
         background=True returns once a CPU copy is taken (after any write still in flight) and
         writes on the writer's thread; `self.checkpoints.wait()` blocks until it has landed.
-        After the last epoch rank 0 also writes model.safetensors, at once (~0.1 s for 45 MB).
+        After the last epoch rank 0 also writes model.safetensors, at once (~0.1 s for 45 MB),
+        while a background checkpoint write goes on.
         """
         # Every process's random stream and loader position, for an exact resume.
         rngs = distributed.gather_to_all(rng_state(self.rt.device))
