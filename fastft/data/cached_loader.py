@@ -211,9 +211,10 @@ class CachedLoaders:
         """keep(i, fp32 (3, S, S)): the chapter's eval transform of this process's test image i."""
         if not self._nvjpeg():  # exactly the torch loader's: PIL resize, then crop
             transform = eval_transform(self.size, preprocessing=self.prep)
+            # keep() runs on the pool too: its copy into the cache (fp32 CHW to the AMP dtype,
+            # channels_last) took as long as the transform on the calling thread alone.
             with ThreadPoolExecutor(max_workers=self.threads) as pool:
-                for i, x in enumerate(pool.map(lambda f: transform(self._pil(f[0])), files)):
-                    keep(i, x)
+                for _ in pool.map(lambda i: keep(i, transform(self._pil(files[i][0]))), range(len(files))):
                     bar.update(1)
             return
         headers = self.plan.test_headers
