@@ -45,7 +45,7 @@ from fastft.run_faults import guard
 from fastft.safe_write import shown
 from fastft.runtime import check_distributed_settings, cudnn_benchmark, pick_device, resolve_runtime
 from fastft.strategy import get_strategy
-from fastft.threads import CpuSample, ThreadChoice
+from fastft.threads import CpuSample, ThreadChoice, override, recheck
 from fastft.threads import decide as decide_threads
 from fastft.timing import EpochTiming, StepClock, steady_rates, sync
 from fastft.weights import save_run_weights
@@ -135,6 +135,22 @@ class Trainer:
             self.threads = decide_threads(self.cpu_since, self.launch.local_world_size, side, self.cfg.threads)
             torch.set_num_threads(self.threads.threads)
         self.reporter.say(self.threads.line())
+
+    def _recheck_threads(self, since: CpuSample) -> None:
+        """After an epoch, the thread rule again over it (threads.recheck): the next epochs run
+        with the new count, said in one line and recorded in metrics.jsonl. Not where the count
+        was given, on CUDA, when compiled (Inductor's C++ kernels bake the count in), or beside
+        DataLoader worker processes (their CPU time would read as a neighbour's)."""
+        if (self.rt.device.type == "cuda" or self.rt.compile or override(self.cfg.threads) is not None
+                or (self.data.name == "torch" and self.rt.workers > 0)):
+            return
+        side = self.data.threads if self.data.name == "dali" else 0
+        choice = recheck(self.threads, since, CpuSample.take(), self.launch.local_world_size, side)
+        if choice is not None:
+            torch.set_num_threads(choice.threads)
+            self.reporter.say(f"threads {self.threads.threads} -> {choice.threads} from the next epoch: "
+                              f"{choice.reason.split('; ')[0]} during this one")
+            self.threads = choice
 
     def _scan_data(self) -> None:
         started = time.perf_counter()
@@ -354,27 +370,11 @@ class Trainer:
     # --- the run -----------------------------------------------------------------------
     def fit(self) -> dict:
         started = time.perf_counter()
-        record, graphs_after_warmup, failed = None, None, True
+        record, failed = None, True
+        self.graphs_after_warmup = None
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
-                record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-                self._stop_if_diverged(epoch, record["train_loss"])  # before this epoch's checkpoint
-                with self.phases.timed("eval"):
-                    record["test_acc"], record["test_examples"] = self.evaluate()
-                graphs_after_warmup = compiled_graphs() if graphs_after_warmup is None else graphs_after_warmup
-                timing = self.timings[-1]
-                record["examples_per_sec"] = timing.examples / timing.wall_s
-                record["examples_per_sec_compute"] = timing.examples / sum(timing.step_s)
-                # The epoch's figures are on disk before its checkpoint, so a write that fails
-                # there (a full disk) loses no result; a metrics line ahead of the checkpoint is
-                # dropped on resume (keep_metrics_up_to), so resume never duplicates one.
-                self.reporter.append_metrics(record)
-                self.reporter.epoch_lines(record, self.cfg.epochs, str(self.rt.device))
-                if self._checkpoint_due(epoch + 1):
-                    # Written in the background, the last too: model.safetensors is written beside it
-                    # (0.12 -> 0.10 s for ResNet-18 on 2 cores), and the `finally` below waits for it.
-                    with self.phases.timed("checkpoints"):
-                        self.save_checkpoint(epoch + 1, background=True)
+                record = self._run_epoch(epoch)
             with self.phases.timed("checkpoints"):  # the last write's wait is the job's; its error the run's
                 self.checkpoints.wait()
             failed = False
@@ -387,13 +387,40 @@ class Trainer:
         if record is None:
             raise ConfigError(f"{self.run_dir} already finished {self.start_epoch} epochs; "
                               f"pass a larger --epochs to train on")
-        summary = self._summary(record, time.perf_counter() - started, graphs_after_warmup)
+        summary = self._summary(record, time.perf_counter() - started, self.graphs_after_warmup)
         summary["job_s"], summary["phases_s"] = self.phases.split(summary["compile_s"])
         if self.rt.compile and self.rt.is_main:  # the next run of this configuration compiles warm
             mark_warm(compile_key(self.cfg, self.rt))
         self.reporter.write_summary(summary)
         self.reporter.final_lines(summary)
         return summary
+
+    def _run_epoch(self, epoch: int) -> dict:
+        """One epoch: train, evaluate, log, a checkpoint when due, then the thread count checked
+        over the epoch (not after the last); returns its metrics record."""
+        epoch_cpu = CpuSample.take()  # the window the thread count is checked over
+        record = {"epoch": epoch + 1, "threads": self.threads.threads, **self.train_epoch(epoch)}
+        self._stop_if_diverged(epoch, record["train_loss"])  # before this epoch's checkpoint
+        with self.phases.timed("eval"):
+            record["test_acc"], record["test_examples"] = self.evaluate()
+        if self.graphs_after_warmup is None:
+            self.graphs_after_warmup = compiled_graphs()
+        timing = self.timings[-1]
+        record["examples_per_sec"] = timing.examples / timing.wall_s
+        record["examples_per_sec_compute"] = timing.examples / sum(timing.step_s)
+        # The epoch's figures are on disk before its checkpoint, so a write that fails
+        # there (a full disk) loses no result; a metrics line ahead of the checkpoint is
+        # dropped on resume (keep_metrics_up_to), so resume never duplicates one.
+        self.reporter.append_metrics(record)
+        self.reporter.epoch_lines(record, self.cfg.epochs, str(self.rt.device))
+        if self._checkpoint_due(epoch + 1):
+            # Written in the background, the last too: model.safetensors is written beside it
+            # (0.12 -> 0.10 s for ResNet-18 on 2 cores), and fit waits for it before reporting.
+            with self.phases.timed("checkpoints"):
+                self.save_checkpoint(epoch + 1, background=True)
+        if epoch + 1 < self.cfg.epochs:
+            self._recheck_threads(epoch_cpu)
+        return record
 
     def _stop_if_diverged(self, epoch: int, loss: float) -> None:
         """Stop with one line when the epoch's train loss (read once per epoch, the same on every

@@ -217,3 +217,20 @@ def measured_capacity(since: CpuSample | None = None, processes_here: int = 1, s
     others, window = measure_others(since)
     return Capacity(cores=len(usable_cpus()), quota=cgroup_quota(), others=others, window_s=window,
                     processes_here=processes_here, side=side)
+
+
+def recheck(current: ThreadChoice, since: CpuSample, now: CpuSample, processes_here: int = 1,
+            side: int = 0) -> ThreadChoice | None:
+    """The rule again over a window of training (an epoch), for a neighbour that started or
+    stopped after start-up: a new ThreadChoice where the count changes, else None (also for a
+    window under MIN_WINDOW_S or without /proc/stat). The step's own threads are subtracted as
+    at start-up: with 2 threads beside one busy neighbour the scheduler gives each of the 3 about
+    2/3 of a core, which reads as 0.7 core of others, so the neighbour still counts (round)."""
+    others = others_busy(since, now)
+    if others is None or now.at - since.at < MIN_WINDOW_S:
+        return None
+    capacity = Capacity(cores=len(usable_cpus()), quota=cgroup_quota(), others=others,
+                        window_s=now.at - since.at, processes_here=processes_here, side=side)
+    choice = choose_threads(capacity, env={})
+    return choice if choice.threads != current.threads else None
+

@@ -193,3 +193,62 @@ def test_a_resumed_run_decides_its_threads_again_unless_typed():
     merged, _ = adopt_saved_config(TrainConfig(out="r", resume=True, threads=1), saved,
                                    frozenset({"out", "resume", "threads"}))
     assert merged.threads == 1
+
+
+# --- the re-check after each epoch ----------------------------------------------------------------
+@pytest.fixture
+def two_cores(monkeypatch):
+    monkeypatch.setattr(threads, "usable_cpus", lambda: frozenset({0, 1}))
+    monkeypatch.setattr(threads, "cgroup_quota", lambda: None)
+
+
+def test_a_neighbour_that_came_after_start_up_takes_a_thread_at_the_recheck(two_cores):
+    two = threads.ThreadChoice(2, "start-up")
+    # 10 s of an epoch, both cores busy, 13.3 s of it ours: 2 threads beside a busy neighbour
+    # get 2/3 of a core each, so the neighbour reads as 0.67 core, which counts as one.
+    choice = threads.recheck(two, CpuSample(0.0, 0.0, 0.0), CpuSample(10.0, 20.0, 13.3))
+    assert choice.threads == 1 and "other processes busy on 0.7 core(s) over 10.0 s" in choice.reason
+    # The same count again: nothing to change.
+    assert threads.recheck(threads.ThreadChoice(1, "x"), CpuSample(0.0, 0.0, 0.0), CpuSample(10.0, 20.0, 10.0)) is None
+
+
+def test_a_neighbour_that_left_gives_the_thread_back(two_cores):
+    one = threads.ThreadChoice(1, "start-up")
+    choice = threads.recheck(one, CpuSample(0.0, 0.0, 0.0), CpuSample(10.0, 10.4, 10.0))  # 0.04 core of others
+    assert choice.threads == 2
+
+
+def test_no_recheck_over_a_window_too_short_or_without_proc_stat(two_cores):
+    one = threads.ThreadChoice(1, "start-up")
+    assert threads.recheck(one, CpuSample(0.0, 0.0, 0.0), CpuSample(0.1, 0.0, 0.0)) is None
+    assert threads.recheck(one, CpuSample(0.0, 0.0, 0.0, readable=False), CpuSample(10.0, 0.0, 0.0)) is None
+
+
+def _epochs_run(make_cfg, monkeypatch, **overrides) -> tuple[list, list]:
+    """(each epoch's recorded threads, the recheck calls) of a 3-epoch run whose recheck says
+    1 thread after epoch 1."""
+    calls = []
+
+    def fake_recheck(current, since, now, processes_here, side):
+        calls.append((current.threads, now.at - since.at >= 0))
+        return threads.ThreadChoice(1, "other processes busy on 1.0 core(s) over 9.0 s; x") \
+            if current.threads != 1 else None
+    import fastft.engine as engine
+    monkeypatch.setattr(engine, "recheck", fake_recheck)
+    trainer = Trainer(make_cfg(epochs=3, loader="cached", **overrides)).setup()
+    trainer.fit()
+    lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["threads"] for line in lines], calls
+
+
+def test_the_engine_rechecks_between_epochs_and_records_each_epochs_count(
+        make_cfg, restore_threads, monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "measured_capacity", lambda *a: Capacity(cores=2, others=0.0, window_s=3.0))
+    recorded, calls = _epochs_run(make_cfg, monkeypatch, out=str(tmp_path / "auto"))
+    assert recorded == [2, 1, 1] and calls == [(2, True), (1, True)]  # not after the last epoch
+    assert torch.get_num_threads() == 1
+    out = capsys.readouterr().out
+    assert "threads 2 -> 1 from the next epoch: other processes busy on 1.0 core(s) over 9.0 s during this one" in out
+    recorded, calls = _epochs_run(make_cfg, monkeypatch, threads=2, out=str(tmp_path / "typed"))
+    assert recorded == [2, 2, 2] and calls == []  # --threads: never re-checked
