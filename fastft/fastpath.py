@@ -191,7 +191,7 @@ def _probe_input(model: nn.Module, structure: Structure) -> torch.Tensor:
 
 
 def checked_fold(prefix: nn.Module, x: torch.Tensor) -> int:
-    """fold_all_bn on a copy of `prefix`, adopted only if the fold is the same function: an fp64
+    """fold_all_bn on `prefix`, in place, only if the fold is the same function: an fp64
     copy folded the same way gives the fp64 unfolded output on `x` to FOLD_CHECK_RTOL of its scale
     (fp64, so a model that amplifies fp32 rounding cannot make an exact fold look wrong; a fold
     that paired the wrong modules is off by far more). Returns the BatchNorms folded (0: left as
