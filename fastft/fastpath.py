@@ -43,7 +43,11 @@ FOLD_CHECK_RTOL = 1e-6
 
 
 def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A new Conv2d equal to bn(conv(x)) with `bn` in eval mode (running statistics)."""
+    """A new Conv2d equal to bn(conv(x)) with `bn` in eval mode (running statistics).
+
+    Its weight and bias are new Parameters on conv's device, in conv's dtype and memory layout,
+    with conv.weight's requires_grad; every other setting is conv's. Draws no random numbers.
+    """
     with torch.no_grad():
         # Fold in at least fp32 whatever the stored dtype, so the folded weight is no worse than the pair.
         dtype = torch.promote_types(conv.weight.dtype, torch.float32)
@@ -54,9 +58,11 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         beta = bn.bias.to(dtype) if bn.affine else torch.zeros_like(mean)
         bias = conv.bias.to(dtype) if conv.bias is not None else torch.zeros_like(mean)
         scale = gamma / std
+        # Built on the meta device: no storage and no kaiming init (which took most of the fold's
+        # time and drew from the global RNG) for a weight and bias replaced just below.
         folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                            conv.padding, conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
-                           device=conv.weight.device, dtype=conv.weight.dtype)
+                           device="meta")
         # Elementwise maths keeps the input's layout, so a channels_last weight stays channels_last.
         new_weight = (weight * scale.reshape(-1, 1, 1, 1)).to(conv.weight.dtype)
         new_bias = ((bias - mean) * scale + beta).to(conv.weight.dtype)
@@ -185,27 +191,42 @@ def _probe_input(model: nn.Module, structure: Structure) -> torch.Tensor:
 
 
 def checked_fold(prefix: nn.Module, x: torch.Tensor) -> int:
-    """fold_all_bn on a copy of `prefix`, adopted only if the fold is the same function: an fp64
+    """fold_all_bn on `prefix`, in place, only if the fold is the same function: an fp64
     copy folded the same way gives the fp64 unfolded output on `x` to FOLD_CHECK_RTOL of its scale
     (fp64, so a model that amplifies fp32 rounding cannot make an exact fold look wrong; a fold
     that paired the wrong modules is off by far more). Returns the BatchNorms folded (0: left as
     is, also when the prefix does not take `x`). `prefix` must be in eval mode."""
     if not any(type(m) is nn.BatchNorm2d for m in prefix.modules()):
         return 0
-    exact, exact_folded = copy.deepcopy(prefix).double(), copy.deepcopy(prefix).double()
-    count = fold_all_bn(exact_folded)
+    exact, x = _fp64_copy(prefix), x.double()
+    reference = _output_or_none(exact, x)
+    count = fold_all_bn(exact) if reference is not None else 0  # its unfolded output is kept: fold in place
+    out = _output_or_none(exact.eval(), x) if count else None
+    if out is None or (out - reference).abs().max() > FOLD_CHECK_RTOL * reference.abs().max().clamp(min=1):
+        return 0
+    fold_all_bn(prefix)  # in the prefix's own dtype, from its own weights (fold_bn makes new modules)
+    prefix.eval()  # the new convs and Identities start in train mode
+    return count
+
+
+def _fp64_copy(module: nn.Module) -> nn.Module:
+    """copy.deepcopy(module).double() without the copy at the stored precision in between:
+    deepcopy's memo maps each floating-point parameter and buffer straight to a new fp64 tensor."""
+    memo = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point() and id(tensor) not in memo:
+            double = tensor.detach().to(torch.float64, copy=True)
+            memo[id(tensor)] = nn.Parameter(double, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else double
+    return copy.deepcopy(module, memo)
+
+
+def _output_or_none(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """module(x) without autograd, or None when the module refuses x (an input size it cannot take)."""
     try:
         with torch.no_grad():
-            reference, out = exact(x.double()), exact_folded.eval()(x.double())
-    except (RuntimeError, ValueError, AssertionError):  # an input size the model refuses
-        return 0
-    if not count or (out - reference).abs().max() > FOLD_CHECK_RTOL * reference.abs().max().clamp(min=1):
-        return 0
-    folded = copy.deepcopy(prefix)
-    fold_all_bn(folded)  # in the prefix's own dtype, from its own weights
-    for name, child in folded.named_children():
-        setattr(prefix, name, child.eval())
-    return count
+            return module(x)
+    except (RuntimeError, ValueError, AssertionError):
+        return None
 
 
 def caches_features(frozen_stages: int, units: int = 5) -> bool:

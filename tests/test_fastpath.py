@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from fastft.fastpath import FeatureCache, cached_accuracy, caches_features, fold_bn, split_for_training
+from fastft.fastpath import (FeatureCache, FrozenPrefix, cached_accuracy, caches_features, checked_fold,
+                             fold_all_bn, fold_bn, split_for_training)
 from fastft.strategy import Strategy
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # ResNet-18's units (fastft.models.resnet)
@@ -60,6 +61,63 @@ def test_fold_bn_equals_conv_then_eval_bn_and_keeps_the_layout():
     folded_cl = fold_bn(stem.conv1, stem.bn1)
     assert folded_cl.weight.is_contiguous(memory_format=torch.channels_last)
     assert not folded_cl.weight.is_contiguous()  # 7x7x3 kernels: the two layouts differ
+
+
+def random_bn(channels: int, seed: int = 3) -> nn.BatchNorm2d:
+    """An eval-mode BatchNorm2d whose four statistics and parameters are all non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(channels, eps=1e-3).eval()
+    with torch.no_grad():
+        for tensor, lo, hi in ((bn.running_mean, -0.2, 0.2), (bn.running_var, 0.5, 1.5),
+                               (bn.weight, 0.5, 1.5), (bn.bias, -0.2, 0.2)):
+            tensor.copy_(lo + (hi - lo) * torch.rand(channels, generator=g))
+    return bn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fold_bn_is_the_exact_fold_keeps_the_conv_and_draws_no_random_numbers(dtype):
+    """The folded weight and bias are the fold's algebra in at least fp32, stored in the conv's
+    dtype, bit for bit; the conv's settings, device, layout and requires_grad carry over; and no
+    random numbers are drawn (a Conv2d built the usual way runs kaiming init on the global RNG)."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, dilation=1, padding_mode="reflect").to(dtype)
+    conv = conv.to(memory_format=torch.channels_last).requires_grad_(False)
+    bn = random_bn(16).to(dtype)
+    rng = torch.get_rng_state()
+    folded = fold_bn(conv, bn)
+    assert torch.equal(torch.get_rng_state(), rng)
+    wide = torch.promote_types(dtype, torch.float32)
+    scale = bn.weight.to(wide) / torch.sqrt(bn.running_var.to(wide) + bn.eps)
+    weight = (conv.weight.to(wide) * scale.reshape(-1, 1, 1, 1)).to(dtype)
+    bias = ((conv.bias.to(wide) - bn.running_mean.to(wide)) * scale + bn.bias.to(wide)).to(dtype)
+    assert torch.equal(folded.weight, weight) and torch.equal(folded.bias, bias)
+    assert folded.weight.dtype == folded.bias.dtype == dtype and folded.weight.device == conv.weight.device
+    assert folded.weight.is_contiguous(memory_format=torch.channels_last) and not folded.weight.is_contiguous()
+    assert not folded.weight.requires_grad and not folded.bias.requires_grad
+    assert (folded.stride, folded.padding, folded.padding_mode) == ((2, 2), (1, 1), "reflect")
+    assert not any(t.is_meta for t in (*folded.parameters(), *folded.buffers()))
+    if dtype == torch.float64:  # the same function, to rounding
+        x = torch.randn(2, 8, 11, 11, dtype=dtype)
+        torch.testing.assert_close(folded(x), bn(conv(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_checked_fold_adopts_the_plain_fold_and_draws_no_random_numbers():
+    """The prefix ends as a fold of its own weights (every module equal to fold_all_bn of a
+    copy), in eval mode, and checking it draws no random numbers; an input it refuses leaves it as it was."""
+    model = bn_model().eval()
+    prefix = FrozenPrefix(*copy.deepcopy(list(model.children())[:5])).eval()  # the stem and layer1
+    expected = copy.deepcopy(prefix)
+    assert fold_all_bn(expected) == 5  # conv1, and two per block
+    rng = torch.get_rng_state()
+    assert checked_fold(prefix, images()) == 5
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert str(prefix) == str(expected) and not any(m.training for m in prefix.modules())
+    got, want = prefix.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    unfolded = FrozenPrefix(*copy.deepcopy(list(model.children())[:5])).eval()
+    children = list(unfolded.children())
+    assert checked_fold(unfolded, torch.randn(2, 4, 64, 64)) == 0  # 4 channels: conv1 refuses it
+    assert list(unfolded.children()) == children and isinstance(unfolded[1], nn.BatchNorm2d)
 
 
 @pytest.mark.parametrize("k", ALL_K)

@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fastft_kernels import (PackedImages, resized_crop_normalize, resized_crop_normalize_reference,
                             resized_crop_normalize_triton)
+from fastft_kernels.resized_crop import _interpolate, _resample_exact, _resample_fast
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Tolerances in 0-255 pixel units (see kernels/resized_crop.py), turned into normalised units.
@@ -180,6 +181,67 @@ def test_reference_output_layout_and_dispatch(out_dtype):
     assert out.shape == (len(index), 3, 8, 8) and out.dtype == out_dtype
     assert out.stride() == (3 * 64, 1, 3 * 8, 3)  # NHWC-contiguous
     assert torch.equal(out, resized_crop_normalize_reference(images, index, boxes, flip, 8, MEAN, STD, out_dtype))
+
+
+def per_image_addcmul_reference(images, index, boxes, flip, size, mean, std, out_dtype, fast, interpolation):
+    """The reference as it was before _RowNormaliser: each integral crop's (1, 3, h, w) view with
+    batch stride 3 (torch reads NCHW and writes planar), and each resampled (S, S, 3) image through
+    one addcmul with (3,) constants, cast on store into the NHWC output."""
+    out = torch.empty(len(index), size, size, 3, dtype=out_dtype)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std])
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)])
+    for b, (i, box, mirror) in enumerate(zip(index.tolist(), boxes.tolist(), flip.tolist())):
+        exact = not (fast and all(float(v).is_integer() for v in box))
+        image = images.image(i)
+        if exact:
+            pixels = _resample_exact(image, box, size, interpolation)
+        else:
+            t, l, h, w = (int(v) for v in box)
+            crop = image[t:t + h, l:l + w].permute(2, 0, 1)[None]
+            pixels = _interpolate(crop, (size, size), interpolation)[0].permute(1, 2, 0)
+        torch.addcmul(shift, pixels.flip(1) if mirror else pixels, scale, out=out[b])
+    return out.permute(0, 3, 1, 2)
+
+
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_bits_equal_the_planar_per_image_addcmul_form(out_dtype, interpolation):
+    """Every case of `cases` (integral boxes through the uint8 path, the fractional one through
+    the float path, and all of them through the float path), flipped and not, at sizes whose
+    rows (3S elements) leave a tail past the vectorised loop: the same bits as before."""
+    packed = PackedImages.pack(make_images())
+    for size in (8, 13):
+        for flip_every in (1, 2):
+            index, boxes, flip = batch(size, flip_every)
+            for fast in (True, False):
+                got = resized_crop_normalize_reference(packed, index, boxes, flip, size, MEAN, STD, out_dtype,
+                                                       fast=fast, interpolation=interpolation)
+                want = per_image_addcmul_reference(packed, index, boxes, flip, size, MEAN, STD, out_dtype,
+                                                   fast, interpolation)
+                assert torch.equal(got.view(BITS[out_dtype]), want.view(BITS[out_dtype])), (size, flip_every, fast)
+
+
+@pytest.mark.parametrize("mean, std", [(MEAN, STD), ((0.5,) * 3, (0.5,) * 3)], ids=["imagenet", "half"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_bits_equal_it_for_every_pixel_value(out_dtype, mean, std):
+    """All 256 levels in every channel and at every position mod 3S (a 37 px identity crop: the
+    nearest and the uint8 bilinear filter copy the pixels at scale 1), with and without a flip."""
+    levels = torch.arange(37 * 37) % 256
+    hwc = torch.stack([levels[torch.randperm(levels.numel(), generator=torch.Generator().manual_seed(c))]
+                       for c in range(3)], dim=1).to(torch.uint8).view(37, 37, 3)
+    packed = PackedImages.pack([hwc])
+    index, boxes = torch.zeros(2, dtype=torch.int64), torch.tensor([[0.0, 0.0, 37.0, 37.0]] * 2)
+    flip = torch.tensor([False, True])
+    for interpolation in ("nearest", "bilinear"):
+        pixels = _resample_fast(hwc, [0, 0, 37, 37], 37, interpolation)
+        assert torch.equal(pixels, hwc) and pixels.is_contiguous()  # every level reached; no transpose
+        got = resized_crop_normalize_reference(packed, index, boxes, flip, 37, mean, std, out_dtype,
+                                               interpolation=interpolation)
+        want = per_image_addcmul_reference(packed, index, boxes, flip, 37, mean, std, out_dtype, True, interpolation)
+        assert torch.equal(got.view(BITS[out_dtype]), want.view(BITS[out_dtype])), interpolation
 
 
 def test_reference_rejects_wrong_dtypes():
