@@ -191,7 +191,7 @@ def _probe_input(model: nn.Module, structure: Structure) -> torch.Tensor:
 
 
 def checked_fold(prefix: nn.Module, x: torch.Tensor) -> int:
-    """fold_all_bn on `prefix`, in place, only if the fold is the same function: an fp64
+    """fold_all_bn on a copy of `prefix`, adopted only if the fold is the same function: an fp64
     copy folded the same way gives the fp64 unfolded output on `x` to FOLD_CHECK_RTOL of its scale
     (fp64, so a model that amplifies fp32 rounding cannot make an exact fold look wrong; a fold
     that paired the wrong modules is off by far more). Returns the BatchNorms folded (0: left as
@@ -204,8 +204,13 @@ def checked_fold(prefix: nn.Module, x: torch.Tensor) -> int:
     out = _output_or_none(exact.eval(), x) if count else None
     if out is None or (out - reference).abs().max() > FOLD_CHECK_RTOL * reference.abs().max().clamp(min=1):
         return 0
-    fold_all_bn(prefix)  # in the prefix's own dtype, from its own weights (fold_bn makes new modules)
-    prefix.eval()  # the new convs and Identities start in train mode
+    # A fresh copy folded, not the prefix in place: the in-place fold ran the job's frozen forward
+    # ~8% slower (median 248 vs 268 img/s, 5 processes each, bf16 ResNet-18 on 2 cores), though
+    # the weights' values, dtype and strides are the same; where each weight lands in memory differs.
+    folded = copy.deepcopy(prefix)
+    fold_all_bn(folded)  # in the prefix's own dtype, from its own weights
+    for name, child in folded.named_children():
+        setattr(prefix, name, child.eval())
     return count
 
 
