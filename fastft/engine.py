@@ -39,15 +39,16 @@ from fastft.models.for_run import build_run_model
 from fastft.optim import build_optimizer
 from fastft.phases import PhaseClock
 from fastft.report import Reporter, precision_line
-from fastft.resources import compiled_graphs, peak_memory, reset_peak_memory
+from fastft.resources import compiled_graphs, reset_peak_memory
 from fastft.rundir import adopt_saved_config, cache_notes, choose_run_dir
+from fastft.run_record import resolved_settings, run_summary
 from fastft.run_faults import guard
 from fastft.safe_write import shown
 from fastft.runtime import check_distributed_settings, cudnn_benchmark, pick_device, resolve_runtime
 from fastft.strategy import get_strategy
-from fastft.threads import CpuSample, ThreadChoice, override, recheck
-from fastft.threads import decide as decide_threads
-from fastft.timing import EpochTiming, StepClock, steady_rates, sync
+from fastft.step_threads import StepThreads
+from fastft.threads import CpuSample
+from fastft.timing import EpochTiming, StepClock, sync
 from fastft.weights import save_run_weights
 
 
@@ -107,7 +108,7 @@ class Trainer:
         if self.rt.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.reporter.keep_metrics_up_to(self.start_epoch)  # a fresh run in a used folder: a fresh log
-        self.reporter.write_config({**self.cfg.to_dict(), "resolved": self._resolved()})
+        self.reporter.write_config({**self.cfg.to_dict(), "resolved": resolved_settings(self)})
         return self
 
     def _choose_model(self) -> None:
@@ -126,31 +127,10 @@ class Trainer:
                               f"{sorted(sizes)} image(s) per process")
 
     def _set_threads(self) -> None:
-        """torch's intra-op threads for the step, from the cores this process really has (fastft.threads).
-        On CUDA the step runs on the GPU and torch's default is kept, unless typed."""
-        side = self.data.threads if self.data.name == "dali" else self.rt.workers  # cached: decoded already
-        if self.rt.device.type == "cuda" and self.cfg.threads <= 0:
-            self.threads = ThreadChoice(torch.get_num_threads(), "torch's default: the step runs on the GPU")
-        else:
-            self.threads = decide_threads(self.cpu_since, self.launch.local_world_size, side, self.cfg.threads)
-            torch.set_num_threads(self.threads.threads)
-        self.reporter.say(self.threads.line())
-
-    def _recheck_threads(self, since: CpuSample) -> None:
-        """After an epoch, the thread rule again over it (threads.recheck): the next epochs run
-        with the new count, said in one line and recorded in metrics.jsonl. Not where the count
-        was given, on CUDA, when compiled (Inductor's C++ kernels bake the count in), or beside
-        DataLoader worker processes (their CPU time would read as a neighbour's)."""
-        if (self.rt.device.type == "cuda" or self.rt.compile or override(self.cfg.threads) is not None
-                or (self.data.name == "torch" and self.rt.workers > 0)):
-            return
-        side = self.data.threads if self.data.name == "dali" else 0
-        choice = recheck(self.threads, since, CpuSample.take(), self.launch.local_world_size, side)
-        if choice is not None:
-            torch.set_num_threads(choice.threads)
-            self.reporter.say(f"threads {self.threads.threads} -> {choice.threads} from the next epoch: "
-                              f"{choice.reason.split('; ')[0]} during this one")
-            self.threads = choice
+        """torch's intra-op threads for the step, from the cores this process really has (step_threads)."""
+        self.threads = StepThreads(self.cfg.threads, self.rt, self.data.name, getattr(self.data, "threads", 0),
+                                   self.launch.local_world_size)
+        self.reporter.say(self.threads.start(self.cpu_since).line())
 
     def _scan_data(self) -> None:
         started = time.perf_counter()
@@ -255,16 +235,6 @@ class Trainer:
         else:
             self.reporter.warn(f"the run was saved by {len(per_rank)} processes and resumes with "
                                f"{self.rt.world_size}; random streams restart from the seed")
-
-    def _resolved(self) -> dict:
-        return {"device": str(self.rt.device), "amp": self.rt.amp_name, "compile": self.rt.compile,
-                "compile_reason": self.compile_reason, "workers": self.rt.workers, "world_size": self.rt.world_size,
-                "data_dir": str(self.data_dir), "loader": self.data.name,
-                "classes": list(self.data.classes), "cudnn_benchmark": self.cudnn_benchmark,
-                "threads": self.threads.threads, "threads_reason": self.threads.reason,
-                "lr_per_group": [group["lr"] for group in self.optimizer.param_groups],  # --tensorboard's lr
-                "model": self.spec.name, "preprocessing": self.preprocessing.to_dict(),  # what predict/eval apply
-                "fastft_version": __version__}
 
     # --- the hot loop ------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +357,7 @@ class Trainer:
         if record is None:
             raise ConfigError(f"{self.run_dir} already finished {self.start_epoch} epochs; "
                               f"pass a larger --epochs to train on")
-        summary = self._summary(record, time.perf_counter() - started, self.graphs_after_warmup)
+        summary = run_summary(self, record, time.perf_counter() - started)
         summary["job_s"], summary["phases_s"] = self.phases.split(summary["compile_s"])
         if self.rt.compile and self.rt.is_main:  # the next run of this configuration compiles warm
             mark_warm(compile_key(self.cfg, self.rt))
@@ -399,7 +369,7 @@ class Trainer:
         """One epoch: train, evaluate, log, a checkpoint when due, then the thread count checked
         over the epoch (not after the last); returns its metrics record."""
         epoch_cpu = CpuSample.take()  # the window the thread count is checked over
-        record = {"epoch": epoch + 1, "threads": self.threads.threads, **self.train_epoch(epoch)}
+        record = {"epoch": epoch + 1, "threads": self.threads.choice.threads, **self.train_epoch(epoch)}
         self._stop_if_diverged(epoch, record["train_loss"])  # before this epoch's checkpoint
         with self.phases.timed("eval"):
             record["test_acc"], record["test_examples"] = self.evaluate()
@@ -418,8 +388,9 @@ class Trainer:
             # (0.12 -> 0.10 s for ResNet-18 on 2 cores), and fit waits for it before reporting.
             with self.phases.timed("checkpoints"):
                 self.save_checkpoint(epoch + 1, background=True)
-        if epoch + 1 < self.cfg.epochs:
-            self._recheck_threads(epoch_cpu)
+        line = self.threads.recheck(epoch_cpu) if epoch + 1 < self.cfg.epochs else None
+        if line:
+            self.reporter.say(line)
         return record
 
     def _stop_if_diverged(self, epoch: int, loss: float) -> None:
@@ -472,33 +443,6 @@ class Trainer:
                     f"{shown(self.run_dir)} --format safetensors` writes the file once there is room")
         if note:
             self.reporter.warn(note)
-
-    def _replicas_identical(self) -> bool:
-        """DDP keeps replicas equal; a silent divergence would make rank 0's checkpoint a lie."""
-        if not self.rt.distributed:
-            return True
-        prints = distributed.gather_to_all(distributed.replica_fingerprint(self.model.parameters()))
-        return all(p == prints[0] for p in prints)
-
-    def _summary(self, last: dict, wall_s: float, graphs_after_warmup: int) -> dict:
-        graphs, fallbacks = compiled_graphs(), compile_fallbacks() - self.fallbacks_before
-        return {
-            "model": self.spec.name, "preprocessing": self.preprocessing.to_dict(),
-            "strategy": self.cfg.strategy, "epochs": last["epoch"],
-            "train_loss": last["train_loss"], "train_acc": last["train_acc"],
-            "test_acc": last["test_acc"], "test_examples": last["test_examples"],
-            **steady_rates(self.timings, self.rt.compile),
-            # A frame Dynamo declined (the recompile limit) runs eagerly and adds no graph: it counts
-            # as a recompile, and on its own as an eager fallback.
-            "compiled_graphs": graphs - self.graphs_before, "recompiles": graphs - graphs_after_warmup + fallbacks,
-            "eager_fallbacks": fallbacks,
-            **peak_memory(self.rt.device, self.data.name, self.peak_reset),  # peak_mem_mb, what it covers
-            "world_size": self.rt.world_size, "replicas_identical": self._replicas_identical(),
-            "device": str(self.rt.device), "loader": self.data.name,
-            "amp": self.rt.amp_name, "compile": self.rt.compile, "channels_last": self.rt.channels_last,
-            "batch_size": self.cfg.batch_size, "image_size": self.cfg.image_size, "wall_s": wall_s,
-            **getattr(self.data, "cache_stats", dict)(),  # --loader cached: cache_mb, cache_decode_s
-        }
 
 
 def train(cfg: TrainConfig, typed: frozenset[str] | None = None, job_start: float | None = None,

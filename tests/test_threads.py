@@ -233,8 +233,7 @@ def _epochs_run(make_cfg, monkeypatch, **overrides) -> tuple[list, list]:
         calls.append((current.threads, now.at - since.at >= 0))
         return threads.ThreadChoice(1, "other processes busy on 1.0 core(s) over 9.0 s; x") \
             if current.threads != 1 else None
-    import fastft.engine as engine
-    monkeypatch.setattr(engine, "recheck", fake_recheck)
+    monkeypatch.setattr(threads, "recheck", fake_recheck)
     trainer = Trainer(make_cfg(epochs=3, loader="cached", **overrides)).setup()
     trainer.fit()
     lines = (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
