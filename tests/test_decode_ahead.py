@@ -155,3 +155,15 @@ def test_a_reaped_childs_cpu_time_counts_as_this_processs_own():
     _, _, usage = os.wait4(pid, 0)
     after = CpuSample.take()
     assert after.own - before.own >= usage.ru_utime + usage.ru_stime - 0.011  # os.times: 10 ms ticks
+
+
+def test_no_child_where_the_system_refuses_the_memory_file_or_the_fork(tiny_data, monkeypatch):
+    def refuse(*args):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(os, "memfd_create", refuse)  # a sandbox without memfd
+    assert DecodeAhead.start(tiny_data) is None
+    monkeypatch.undo()
+    open_before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", refuse)  # no processes left
+    assert DecodeAhead.start(tiny_data) is None
+    assert len(os.listdir("/proc/self/fd")) == open_before  # its memory file and pipes are closed

@@ -12,7 +12,7 @@ images.load_rgb, the decoder every loader uses, into an anonymous in-memory file
 
 The cached loader calls `collect()` as its first pass starts: the child stops after the image in
 hand, sends its index and exits; the file is mapped, and `image(path)` hands out a decoded image
-only for a file whose size and modification time are still what the child saw. Everything else
+only for a file whose inode, size and times are still what the child saw. Everything else
 (a file changed, one the child did not reach, a file it could not decode, which the loader then
 decodes to raise its own error) goes the usual way, so the batches are byte for byte the same.
 
@@ -61,23 +61,29 @@ class DecodeAhead:
 
     def __init__(self, pid: int, memfd: int, stop: tuple[int, int], index_r: int):
         self.pid, self.memfd, self.stop, self.index_r = pid, memfd, stop, index_r
-        self.entries: dict[str, tuple[int, int, int, int, int]] | None = None  # collect() fills it
+        self.entries: dict[str, tuple] | None = None  # path -> (offset, h, w, *_identity); collect() fills it
         self.child_cpu_s = 0.0  # s, the child's user + system time (from wait4), after collect()
         self._map: mmap.mmap | None = None
         self._pixels: np.ndarray | None = None
 
     @classmethod
     def start(cls, root: Path, cap_bytes: int | None = None) -> "DecodeAhead | None":
-        """Fork the child for data folder `root`; None where fork or memfd_create is missing.
+        """Fork the child for data folder `root`; None where fork or memfd_create is missing or refused.
         `cap_bytes`: the most decoded bytes it keeps (default AHEAD_SHARE of MemAvailable)."""
         if not supported():
             return None
         cap = int(AHEAD_SHARE * mem_available()) if cap_bytes is None else cap_bytes
-        memfd = os.memfd_create("fastft-decode-ahead", os.MFD_CLOEXEC)
-        stop_r, stop_w = os.pipe()
-        index_r, index_w = os.pipe()
-        parent = os.getpid()
-        pid = os.fork()
+        fds = []
+        try:  # a sandbox without memfd, no descriptors or processes left: decode as before
+            fds.append(os.memfd_create("fastft-decode-ahead", os.MFD_CLOEXEC))
+            fds.extend(os.pipe())
+            fds.extend(os.pipe())
+            parent, pid = os.getpid(), os.fork()
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return None
+        memfd, stop_r, stop_w, index_r, index_w = fds
         if pid == 0:  # the child: never returns
             os.close(stop_w)
             os.close(index_r)
@@ -106,7 +112,7 @@ class DecodeAhead:
         except ValueError:
             rows = []
         self.entries = {path: tuple(rest) for path, *rest in rows}
-        size = max((offset + 3 * h * w for offset, h, w, _, _ in self.entries.values()), default=0)
+        size = max((offset + 3 * h * w for offset, h, w, *_ in self.entries.values()), default=0)
         if size:
             self._map = mmap.mmap(self.memfd, size)
             self._pixels = np.frombuffer(self._map, dtype=np.uint8)
@@ -119,17 +125,17 @@ class DecodeAhead:
 
     def image(self, path: str | os.PathLike) -> np.ndarray | None:
         """uint8 (H, W, 3) RGB of `path` as load_rgb(path) gives it (a view of the shared
-        memory: copy what must outlive close()), or None: not decoded ahead, or the file's
-        size or modification time changed since. Call collect() first."""
+        memory: copy what must outlive close()), or None: not decoded ahead, or the file
+        changed since (_identity). Call collect() first."""
         entry = (self.entries or {}).get(os.fspath(path))
         if entry is None or self._pixels is None:
             return None
-        offset, h, w, size, mtime_ns = entry
+        offset, h, w, *identity = entry
         try:
             stat = os.stat(path)
         except OSError:
             return None
-        if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+        if _identity(stat) != identity:
             return None
         return self._pixels[offset: offset + 3 * h * w].reshape(h, w, 3)
 
@@ -152,7 +158,7 @@ class DecodeAhead:
 
 def _child(root: Path, cap: int, memfd: int, stop_r: int, index_w: int, parent: int) -> None:
     """The forked child: decode until done, asked to stop, or at `cap` bytes; send the index
-    [[path, offset, h, w, size, mtime_ns], ...] as JSON; exit without the parent's atexit work."""
+    [[path, offset, h, w, *_identity], ...] as JSON; exit without the parent's atexit work."""
     code = 1
     try:
         rows = _decode_into(root, cap, memfd, lambda: _asked_to_stop(stop_r) or os.getppid() != parent)
@@ -186,9 +192,16 @@ def _decode_into(root: Path, cap: int, memfd: int, stop) -> list:
             break
         _write_at(memfd, pixels.tobytes(), used)
         h, w, _ = pixels.shape
-        rows.append([os.fspath(path), used, h, w, stat.st_size, stat.st_mtime_ns])
+        rows.append([os.fspath(path), used, h, w, *_identity(stat)])
         used += pixels.nbytes
     return rows
+
+
+def _identity(stat: os.stat_result) -> list[int]:
+    """What must not change between the child's decode and the loader's use of a file: its inode,
+    size, and modification and status-change times (ns; any write moves ctime, even one that
+    restores mtime)."""
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:
